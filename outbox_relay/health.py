@@ -1,0 +1,80 @@
+"""HTTP endpoints for probes and scraping: ``/healthz``, ``/readyz``, ``/metrics``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .metrics import REGISTRY
+
+
+@dataclass
+class RelayState:
+    """What the loop reports about itself; read by the probes (plain attribute reads)."""
+
+    stuck_after: float = 60.0
+    last_tick: float = field(default_factory=time.monotonic)
+    database: bool = False
+    schema: bool = False
+    sink: bool = False
+    fatal: str | None = None
+    listener: str = "notify"
+    owned: tuple[int, ...] = ()
+
+    def tick(self) -> None:
+        self.last_tick = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.fatal is None and time.monotonic() - self.last_tick < self.stuck_after
+
+    def ready(self) -> bool:
+        return self.alive() and self.database and self.schema and self.sink
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "alive": self.alive(),
+            "ready": self.ready(),
+            "database": self.database,
+            "schema": self.schema,
+            "sink": self.sink,
+            "fatal": self.fatal,
+            "listener": self.listener,
+            "shards": list(self.owned),
+            "seconds_since_tick": round(time.monotonic() - self.last_tick, 3),
+        }
+
+
+def serve(state: RelayState, host: str, port: int) -> ThreadingHTTPServer:
+    """Start the probe server in a daemon thread and return it (``.shutdown()`` stops it)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            elif path in ("/healthz", "/readyz"):
+                ok = state.alive() if path == "/healthz" else state.ready()
+                body = json.dumps(state.as_dict()).encode()
+                self._send(200 if ok else 503, body, "application/json")
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            return
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="outbox-http", daemon=True).start()
+    return server

@@ -1,0 +1,414 @@
+"""The drain loop: leases, wake-ups, fetch → publish → mark, in id order per shard.
+
+Reads like the algorithm in the design notes; every SQL statement lives in :mod:`store`, the sink
+is known only through :class:`~outbox_relay.sinks.base.Sink`.
+
+Connections (all autocommit, so no statement ever holds a transaction open):
+
+* ``lease`` -- holds the session-level advisory locks of the owned shards plus a shared
+  "present" lock every live relay holds (to size its fair share of shards);
+* ``work``  -- fetches and marks rows, flips the idle flag;
+* the listener's own LISTEN connection (notify mode only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from tenacity import Retrying, retry_if_exception_type, stop_any, wait_random_exponential
+from tenacity.stop import stop_base
+
+from . import metrics
+from .errors import DatabaseUnavailable, FatalSinkError, OutboxError, ProxyDetected
+from .health import RelayState
+from .listener import Listener, Sleeper, Waiter
+from .settings import Settings, conninfo, redact
+from .sinks.base import Outcome, Sink
+from .store import Failure, OutboxRow, Store
+
+log = logging.getLogger(__name__)
+
+#: Short, growing polls right after going idle: they close the window in which a producer's
+#: trigger saw "busy" (no NOTIFY) but its transaction committed after our last fetch.
+IDLE_TAIL = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+
+_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseUnavailable)
+
+
+def backoff(attempts: int, base: float, cap: float, hint: float | None = None) -> float:
+    """Seconds until the next attempt: capped exponential with full jitter, or the sink's hint."""
+    if hint is not None:
+        return min(cap, max(hint, 0.0)) + random.uniform(0, min(1.0, base))
+    return random.uniform(0, min(cap, base * (2 ** min(attempts, 30))))
+
+
+class _StopWhen(stop_base):
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def __call__(self, retry_state: Any) -> bool:
+        return self._relay.stopping
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: Sink,
+        *,
+        state: RelayState | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.store = Store(settings.db_schema, settings.table, settings.namespace)
+        self.state = state or RelayState()
+        self.state.stuck_after = max(60.0, 10 * settings.poll_interval)
+        self.stopping = False
+        self.epochs: dict[int, int] = {}  # owned shard -> fencing epoch
+        self.total_shards = 0
+        self._conninfo = conninfo(settings.require_database_url())
+        self._work: psycopg.Connection[Any] | None = None
+        self._lease: psycopg.Connection[Any] | None = None
+        self._waiter: Waiter | None = None
+        self._next_rebalance = 0.0
+        self._idle = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def request_stop(self) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        """Run until stopped. Raises :class:`OutboxError` for problems retrying cannot fix."""
+        self.connect()  # the first connection's errors go to the caller: one clear line
+        try:
+            while not self.stopping:
+                try:
+                    self._loop()
+                except _CONNECTION_ERRORS as exc:
+                    log.warning("database connection lost (%s); reconnecting", _one_line(exc))
+                    metrics.RECONNECTS.inc()
+                    self._drop_connections()
+                    self._reconnect()
+        except FatalSinkError as exc:
+            self.state.fatal = str(exc)
+            log.error("%s; stopping with rows left pending", exc)
+            self._release()
+            return 3
+        self._release()
+        return 0
+
+    def connect(self) -> None:
+        """Open the connections, check the schema and the pooling mode, join the relays."""
+        s = self.settings
+        try:
+            self._work = psycopg.connect(
+                self._conninfo, autocommit=True, application_name=f"outbox-relay {s.relay_name}"
+            )
+            self._lease = psycopg.connect(
+                self._conninfo,
+                autocommit=True,
+                application_name=f"outbox-relay lease {s.relay_name}",
+            )
+        except psycopg.OperationalError as exc:
+            self._drop_connections()
+            raise DatabaseUnavailable(
+                f"cannot connect to {redact(s.require_database_url())}: {_one_line(exc)}"
+            ) from None
+        self.state.database = True
+        meta = self.store.check_schema(self._work)
+        self.state.schema = True
+        self.total_shards = int(meta["shards"])
+        if s.leases:
+            self._refuse_transaction_pooling(self._lease)
+        self.store.join_presence(self._lease)
+        if s.wakeup == "notify":
+            self._waiter = Listener(
+                self._conninfo,
+                s.channel,
+                f"outbox-relay listen {s.relay_name}",
+                s.heartbeat_interval,
+            )
+        else:
+            self._waiter = Sleeper()
+        self.state.listener = self._waiter.mode
+        self._next_rebalance = 0.0
+        log.info(
+            "connected to %s: %d shards, wake-up by %s, sink %s",
+            redact(s.require_database_url()),
+            self.total_shards,
+            self._waiter.mode,
+            self.sink.name,
+        )
+
+    def _reconnect(self) -> None:
+        retry = Retrying(
+            wait=wait_random_exponential(multiplier=0.2, max=10),
+            retry=retry_if_exception_type(_CONNECTION_ERRORS),
+            stop=stop_any(_StopWhen(self)),
+            reraise=True,
+            before_sleep=lambda rs: log.info(
+                "reconnect attempt %d failed: %s",
+                rs.attempt_number,
+                _one_line(rs.outcome.exception()) if rs.outcome else "?",
+            ),
+        )
+        for attempt in retry:
+            with attempt:
+                if self.stopping:
+                    return
+                self.state.tick()
+                self.connect()
+
+    def _refuse_transaction_pooling(self, conn: psycopg.Connection[Any]) -> None:
+        pids = {self.store.backend_pid(conn) for _ in range(3)}
+        if len(pids) > 1:
+            raise ProxyDetected(
+                "the database connection changes backends between transactions (a "
+                "transaction-pooling proxy such as PgBouncer?): shard leases need a session. "
+                "Connect the relay directly to Postgres, or set OUTBOX_LEASES=false with a single "
+                "relay and OUTBOX_WAKEUP=poll"
+            )
+
+    def _drop_connections(self) -> None:
+        self.state.database = False
+        for conn in (self._work, self._lease, self._waiter):
+            if conn is not None:
+                with contextlib.suppress(Exception):  # closing a broken connection
+                    conn.close()
+        self._work = self._lease = None
+        self._waiter = None
+        if self.epochs:
+            log.info("dropped leases of shards %s with the connection", sorted(self.epochs))
+        self.epochs.clear()
+        metrics.SHARDS_OWNED.set(0)
+        self.state.owned = ()
+
+    def _release(self) -> None:
+        """Graceful exit: flush the sink, clear the idle flag, release the leases."""
+        try:
+            self.sink.close(min(5.0, self.settings.shutdown_timeout))
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.warning("sink close failed: %s", _one_line(exc))
+        if self._work is not None and self._lease is not None:
+            try:
+                self.store.set_idle(self._work, sorted(self.epochs), False)
+                for shard in sorted(self.epochs):
+                    self.store.unlock(self._lease, shard)
+            except _CONNECTION_ERRORS as exc:
+                log.info("leases go with the connection: %s", _one_line(exc))
+        released = sorted(self.epochs)
+        self.epochs.clear()
+        self._drop_connections()
+        log.info("relay stopped; released shards %s", released)
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while not self.stopping:
+            self.state.tick()
+            self._maintain_leases()
+            if not self.epochs:
+                self._wait(self._until_rebalance())
+                continue
+            if self.drain_round() == 0:
+                self._idle_wait()
+
+    def _wait(self, timeout: float) -> bool:
+        assert self._waiter is not None
+        return self._waiter.wait(max(0.0, timeout), lambda: self.stopping)
+
+    def _until_rebalance(self) -> float:
+        return max(0.0, self._next_rebalance - time.monotonic())
+
+    def _idle_wait(self) -> None:
+        """Nothing pending: flag idle (so producers NOTIFY), close the race, then sleep."""
+        assert self._work is not None
+        notify = self.settings.wakeup == "notify"
+        if notify:
+            self.store.set_idle(self._work, sorted(self.epochs), True)
+        try:
+            for delay in IDLE_TAIL:
+                woke = self._wait(delay)
+                if self.stopping or self.drain_round() > 0:
+                    if woke:
+                        metrics.NOTIFICATIONS.inc()
+                    return
+            poll = self.settings.poll_interval * random.uniform(0.8, 1.2)
+            woke = self._wait(min(poll, self._until_rebalance() + 0.01))
+            if woke:
+                metrics.NOTIFICATIONS.inc()
+            elif not self.stopping and self.drain_round() > 0:
+                metrics.POLLS_WITH_WORK.inc()
+        finally:
+            if notify and self._work is not None and not self._work.closed:
+                # a broken connection is handled by the caller; the flag then stays set until
+                # the next owner clears it, which only costs producers a NOTIFY meanwhile
+                with contextlib.suppress(*_CONNECTION_ERRORS):
+                    self.store.set_idle(self._work, sorted(self.epochs), False)
+
+    # ------------------------------------------------------------------ leases
+    def _maintain_leases(self) -> None:
+        now = time.monotonic()
+        if now < self._next_rebalance:
+            return
+        self._next_rebalance = now + self.settings.rebalance_interval * random.uniform(0.8, 1.2)
+        assert self._lease is not None and self._work is not None
+        if not self.settings.leases:
+            if not self.epochs:
+                for shard in range(self.total_shards):
+                    self.epochs[shard] = self.store.take_epoch(
+                        self._lease, shard, self.settings.relay_name
+                    )
+                self._owned_changed()
+            return
+        self._verify_leases()
+        live = self.store.live_relays(self._lease)
+        target = math.ceil(self.total_shards / live)
+        owned = set(self.epochs)
+        if len(owned) > target:
+            extra = sorted(owned)[target:]
+            self.store.set_idle(self._work, extra, False)
+            for shard in extra:
+                self.store.unlock(self._lease, shard)
+                del self.epochs[shard]
+            log.info("released shards %s to %d other relay(s)", extra, live - 1)
+            self._owned_changed()
+        elif len(owned) < target:
+            candidates = [s for s in range(self.total_shards) if s not in owned]
+            random.shuffle(candidates)
+            taken = []
+            for shard in candidates:
+                if len(self.epochs) >= target:
+                    break
+                if self.store.try_lock(self._lease, shard):
+                    self.epochs[shard] = self.store.take_epoch(
+                        self._lease, shard, self.settings.relay_name
+                    )
+                    taken.append(shard)
+            if taken:
+                log.info(
+                    "took shards %s (now %d of %d)",
+                    sorted(taken),
+                    len(self.epochs),
+                    self.total_shards,
+                )
+                self._owned_changed()
+
+    def _verify_leases(self) -> set[int]:
+        """Drop shards whose advisory lock this relay no longer holds; return those still held."""
+        assert self._lease is not None
+        if not self.settings.leases:
+            return set(self.epochs)
+        held = self.store.held_shards(self._lease)
+        lost = set(self.epochs) - held
+        if lost:
+            log.warning("lost the leases of shards %s", sorted(lost))
+            for shard in lost:
+                del self.epochs[shard]
+            self._owned_changed()
+        return held
+
+    def _owned_changed(self) -> None:
+        metrics.SHARDS_OWNED.set(len(self.epochs))
+        self.state.owned = tuple(sorted(self.epochs))
+
+    # ------------------------------------------------------------------ drain
+    def drain_round(self) -> int:
+        """One fetch → publish → mark over the owned shards; returns rows handled."""
+        assert self._work is not None
+        s = self.settings
+        started = time.monotonic()
+        shards = sorted(self.epochs)
+        if not shards:
+            return 0
+        blocked = self.store.blocked_keys(self._work, shards, s.strict_order)
+        per_shard = max(s.batch_size // len(shards), min(64, s.batch_size))
+        rows = self.store.fetch(self._work, shards, blocked, per_shard)
+        if not rows:
+            return 0
+        held = self._verify_leases()  # confirm the lease right before publishing
+        epochs = {sh: e for sh, e in self.epochs.items() if sh in held}
+        rows = [r for r in rows if r.shard in epochs]
+        if not rows:
+            return 0
+        timeout = s.kafka_delivery_timeout + 5.0
+        try:
+            outcomes = self.sink.publish(rows, timeout)
+        except FatalSinkError:
+            self.state.sink = False
+            raise
+        self._record(rows, outcomes, epochs)
+        metrics.BATCH_SIZE.observe(len(rows))
+        metrics.BATCH_SECONDS.observe(time.monotonic() - started)
+        return len(rows)
+
+    def _record(
+        self, rows: Sequence[OutboxRow], outcomes: Sequence[Outcome], epochs: dict[int, int]
+    ) -> None:
+        assert self._work is not None
+        s = self.settings
+        sink = self.sink.name
+        delivered = [r for r, o in zip(rows, outcomes, strict=True) if o.delivered]
+        failures = [
+            (
+                r,
+                Failure(
+                    r.id,
+                    o.error or "failed",
+                    backoff(r.attempts, s.retry_backoff_base, s.retry_backoff_max, o.retry_after),
+                ),
+            )
+            for r, o in zip(rows, outcomes, strict=True)
+            if o.failed
+        ]
+        self.state.sink = bool(delivered) or not failures
+        if delivered:
+            marked = self.store.mark_sent(self._work, [r.id for r in delivered], epochs)
+            if marked < len(delivered):
+                # Another relay took a shard over between publish and mark: its epoch fenced us
+                # out; it will publish those rows again (same idempotency keys).
+                metrics.FENCED.inc(len(delivered) - marked)
+                log.warning("%d delivered rows not marked: lease moved on", len(delivered) - marked)
+            now = time.time()
+            for r in delivered:
+                metrics.PUBLISHED.labels(r.topic, sink).inc()
+                metrics.LAG.observe(max(0.0, now - r.created_at.timestamp()))
+        if failures:
+            dead = set(
+                self.store.mark_failed(self._work, [f for _, f in failures], epochs, s.max_attempts)
+            )
+            for r, f in failures:
+                metrics.FAILED.labels(r.topic, sink).inc()
+                if r.id in dead:
+                    metrics.DEAD_LETTERED.labels(r.topic, sink).inc()
+                    log.error(
+                        "outbox id %d (topic %s, key %s) dead-lettered after %d attempts: %s",
+                        r.id,
+                        r.topic,
+                        r.key,
+                        r.attempts + 1,
+                        f.error,
+                    )
+                else:
+                    log.warning(
+                        "outbox id %d (topic %s) attempt %d failed, retry in %.1fs: %s",
+                        r.id,
+                        r.topic,
+                        r.attempts + 1,
+                        f.delay,
+                        f.error,
+                    )
+
+
+def _one_line(exc: BaseException | None) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+__all__ = ["OutboxError", "Relay", "backoff"]

@@ -1,0 +1,141 @@
+"""Configuration: environment variables with the ``OUTBOX_`` prefix, overridable from the CLI.
+
+Bad configuration fails at start with one line naming the setting (:class:`ConfigError`), never a
+pydantic traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import zlib
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+
+
+class Settings(BaseSettings):
+    """Every setting of the producer helper and the relay.
+
+    Field ``x`` is read from ``OUTBOX_X``; the schema name is ``OUTBOX_SCHEMA``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="OUTBOX_", extra="ignore", populate_by_name=True, validate_default=True
+    )
+
+    # -- where the outbox lives
+    database_url: str | None = None
+    db_schema: str = Field(
+        default="public", validation_alias=AliasChoices("OUTBOX_SCHEMA", "db_schema")
+    )
+    table: str = "outbox"
+    shards: int = Field(default=16, ge=1, le=1024)
+
+    # -- producer side
+    max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
+
+    # -- relay
+    sink: Literal["kafka", "webhook"] = "kafka"
+    wakeup: Literal["notify", "poll"] = "notify"
+    leases: bool = True
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    poll_interval: float = Field(default=2.0, gt=0, le=3600)
+    heartbeat_interval: float = Field(default=15.0, gt=0)
+    rebalance_interval: float = Field(default=2.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    retry_backoff_base: float = Field(default=0.5, gt=0)
+    retry_backoff_max: float = Field(default=300.0, gt=0)
+    strict_order: bool = False
+    shutdown_timeout: float = Field(default=30.0, gt=0)
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    http_host: str = "0.0.0.0"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    relay_name: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    lease_namespace: int | None = Field(default=None, ge=1, le=2**31 - 1)
+
+    # -- Kafka sink
+    kafka_bootstrap_servers: str | None = None
+    kafka_properties: dict[str, Any] = Field(default_factory=dict)
+    kafka_topic_prefix: str = ""
+    kafka_delivery_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("db_schema", "table")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not _IDENT.match(value):
+            raise ValueError("must be a plain SQL identifier (letters, digits, _; max 41 chars)")
+        return value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for part in value.split(","):
+            host, sep, port = part.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return value
+
+    # -- derived names
+    @property
+    def channel(self) -> str:
+        """The NOTIFY channel the trigger signals on."""
+        return f"outbox_relay.{self.db_schema}.{self.table}"
+
+    @property
+    def namespace(self) -> int:
+        """First key of the shard advisory locks: stable per (schema, table)."""
+        if self.lease_namespace is not None:
+            return self.lease_namespace
+        return zlib.crc32(f"{self.db_schema}.{self.table}".encode()) & 0x7FFFFFFF
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError("OUTBOX_DATABASE_URL is not set (e.g. postgresql://user:pw@host/db)")
+        return self.database_url
+
+
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    if field.startswith("OUTBOX_"):
+        return field
+    if field == "db_schema":
+        return "OUTBOX_SCHEMA"
+    return f"OUTBOX_{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment, apply non-None ``overrides``; one-line errors."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(
+            f"invalid setting {_setting_name(first['loc'])}: {first['msg']}"
+        ) from None
+
+
+@lru_cache(maxsize=1)
+def producer_settings() -> Settings:
+    """Settings the producer helper reads once per process (schema, table, payload limit)."""
+    return load_settings()
+
+
+def conninfo(url: str) -> str:
+    """Turn a SQLAlchemy URL (``postgresql+psycopg://``) into a libpq connection string."""
+    return re.sub(r"^postgres(?:ql)?(?:\+\w+)?://", "postgresql://", url)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

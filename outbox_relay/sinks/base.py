@@ -1,0 +1,63 @@
+"""The interface between the drain loop and a sink.
+
+The relay hands a sink a batch of rows in id order and gets back one :class:`Outcome` per row.
+A sink must keep the order of rows with the same key, and once a row of a key fails it must not
+deliver later rows of that key from the same batch (it returns ``Outcome.skip()`` for them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..store import OutboxRow
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one row: delivered, failed (retry later), or not attempted."""
+
+    delivered: bool
+    error: str | None = None
+    #: the sink's own hint for the next attempt (e.g. HTTP Retry-After), in seconds
+    retry_after: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        return not self.delivered and self.error is not None
+
+    @classmethod
+    def ok(cls) -> Outcome:
+        return _OK
+
+    @classmethod
+    def fail(cls, error: str, retry_after: float | None = None) -> Outcome:
+        return cls(False, error, retry_after)
+
+    @classmethod
+    def skip(cls) -> Outcome:
+        return _SKIP
+
+
+_OK = Outcome(True)
+_SKIP = Outcome(False)
+
+
+class Sink(Protocol):
+    """What the relay needs of a sink."""
+
+    name: str
+
+    def check(self) -> None:
+        """Raise :class:`~outbox_relay.errors.SinkUnavailable` if the sink cannot be reached."""
+
+    def publish(self, rows: Sequence[OutboxRow], timeout: float) -> list[Outcome]:
+        """Deliver ``rows``; return one outcome per row, in the same order.
+
+        Raises :class:`~outbox_relay.errors.FatalSinkError` for errors retrying cannot fix.
+        """
+        ...
+
+    def close(self, timeout: float) -> None:
+        """Flush and release resources."""
