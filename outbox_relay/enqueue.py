@@ -13,7 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Insert
+from sqlalchemy import ARRAY, Connection, Insert, LargeBinary, Text, bindparam, cast, func, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -122,9 +123,27 @@ def build_insert(messages: Sequence[Message]) -> tuple[Insert, list[str]]:
     if len(set(keys)) != len(keys):
         raise InvalidMessage("the same idempotency_key appears twice in one enqueue_many call")
     table = tables_for(settings.db_schema, settings.table).outbox
+    # One statement with six array parameters, whatever the number of rows: no bind-parameter
+    # limit, one parse, one round trip. Rows keep their order (and so their ids) via ORDINALITY.
+    src = (
+        func.unnest(
+            bindparam("ik", keys, type_=ARRAY(Text)),
+            bindparam("topic", [r["topic"] for r in rows], type_=ARRAY(Text)),
+            bindparam("key", [r["key"] for r in rows], type_=ARRAY(Text)),
+            bindparam("payload", [r["payload"] for r in rows], type_=ARRAY(LargeBinary)),
+            bindparam("ctype", [r["content_type"] for r in rows], type_=ARRAY(Text)),
+            bindparam("headers", [json.dumps(r["headers"]) for r in rows], type_=ARRAY(Text)),
+        )
+        .table_valued("ik", "topic", "key", "payload", "ctype", "headers", with_ordinality="n")
+        .render_derived()
+    )
+    query = select(
+        src.c.ik, src.c.topic, src.c.key, src.c.payload, src.c.ctype, cast(src.c.headers, JSONB)
+    ).order_by(src.c.n)
+    cols = ["idempotency_key", "topic", "key", "payload", "content_type", "headers"]
     stmt = (
         pg_insert(table)
-        .values(rows)
+        .from_select(cols, query)
         .on_conflict_do_nothing(index_elements=[table.c.idempotency_key])
         .returning(table.c.id, table.c.idempotency_key)
     )

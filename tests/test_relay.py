@@ -1,0 +1,406 @@
+"""The relay against real Postgres and a real Kafka broker, as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from outbox_relay import Message, enqueue, enqueue_many
+from outbox_relay.settings import conninfo
+from outbox_relay.store import Store
+
+from .conftest import Outbox, RelayProcess, consume, run_cli, wait_for
+
+
+def _enqueue_numbered(engine: Engine, topic: str, n: int, keys: int, start: int = 0) -> None:
+    with Session(engine) as s, s.begin():
+        enqueue_many(s, [Message(topic, {"n": i}, key=f"k{i % keys}") for i in range(start, start + n)])
+
+
+def _per_key_order_ok(msgs: list) -> bool:
+    last: dict[str | None, int] = {}
+    for m in msgs:
+        n = json.loads(m.value)["n"]
+        if m.key in last and n < last[m.key]:
+            return False
+        last[m.key] = n
+    return True
+
+
+def test_delivers_committed_rows_only_with_headers(
+    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    relay = relay_factory()
+    with Session(engine) as s, s.begin():
+        enqueue(s, topic, {"n": 1}, key="a", headers={"trace": "t-1"}, idempotency_key="ik-1")
+    with Session(engine) as s:
+        with s.begin():
+            enqueue(s, topic, {"n": 2}, key="a", idempotency_key="ik-rolled-back")
+            s.rollback()
+    with Session(engine) as s, s.begin():
+        enqueue(s, topic, "plain", key=None, idempotency_key="ik-3")
+    got = consume(kafka_bootstrap, topic, expected=2, timeout=30, settle=2)
+    assert sorted(m.headers["idempotency-key"] for m in got) == ["ik-1", "ik-3"]
+    first = next(m for m in got if m.headers["idempotency-key"] == "ik-1")
+    assert first.key == "a" and json.loads(first.value) == {"n": 1}
+    assert first.headers["trace"] == "t-1"
+    assert first.headers["content-type"] == "application/json"
+    row_id = outbox.sql("SELECT id FROM {t} WHERE idempotency_key = 'ik-1'")[0][0]
+    assert first.headers["outbox-id"] == str(row_id)
+    wait_for(lambda: outbox.pending() == 0, 10, "rows marked sent")
+    assert relay.terminate() == 0
+
+
+def _murmur2(data: bytes) -> int:
+    """Kafka's Java murmur2 (the DefaultPartitioner's hash)."""
+    m, r = 0x5BD1E995, 24
+    length = len(data)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = length % 4
+    base = length - tail
+    if tail == 3:
+        h ^= data[base + 2] << 16
+    if tail >= 2:
+        h ^= data[base + 1] << 8
+    if tail >= 1:
+        h ^= data[base]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h
+
+
+def test_per_key_order_with_concurrent_writers_and_java_partitions(
+    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    relay_factory()
+    writers, txns, per_txn, keys_per_writer = 8, 50, 5, 5
+
+    def writer(w: int) -> None:
+        # each writer owns its keys, so its commit order defines their order
+        rnd = random.Random(w)
+        counters: dict[str, int] = defaultdict(int)
+        for _ in range(txns):
+            with Session(engine) as s, s.begin():
+                for _ in range(per_txn):
+                    key = f"w{w}-k{rnd.randrange(keys_per_writer)}"
+                    counters[key] += 1
+                    enqueue(s, topic, {"n": counters[key], "w": w}, key=key)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    per_writer = txns * per_txn
+    total = writers * per_writer
+    got = consume(kafka_bootstrap, topic, expected=total, timeout=90)
+    assert len({m.headers["idempotency-key"] for m in got}) == total
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for m in got:
+        by_key[m.key].append(json.loads(m.value)["n"])
+        assert m.partition == (_murmur2(m.key.encode()) & 0x7FFFFFFF) % 4, "not Java murmur2"
+    for key, seq in by_key.items():
+        assert seq == list(range(1, len(seq) + 1)), f"key {key} out of order or gapped"
+    ids: dict[str, list[int]] = defaultdict(list)
+    for m in got:
+        ids[m.key].append(int(m.headers["outbox-id"]))
+    assert all(v == sorted(v) for v in ids.values()), "not in outbox id order per key"
+
+
+def test_restart_mid_stream_loses_nothing(
+    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    _enqueue_numbered(engine, topic, 20_000, keys=100)
+    relay = relay_factory(OUTBOX_BATCH_SIZE="200")
+    wait_for(lambda: outbox.pending() < 19_000, 60, "the relay to start draining")
+    assert relay.terminate() == 0
+    assert outbox.pending() > 0, "drained everything before the restart; test proves nothing"
+    relay_factory()
+    wait_for(lambda: outbox.pending() == 0, 120, "drain after restart")
+    got = consume(kafka_bootstrap, topic, expected=20_000, timeout=60)
+    assert {json.loads(m.value)["n"] for m in got} == set(range(20_000))
+    assert _per_key_order_ok(got)
+
+
+def test_sigkill_between_publish_and_mark_duplicates_only_that_batch(
+    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    _enqueue_numbered(engine, topic, 50, keys=5)
+    # Hold row locks so the relay's mark (UPDATE) blocks after Kafka confirmed the batch.
+    blocker = psycopg.connect(conninfo(outbox.url))
+    blocker.execute(f'SELECT id FROM "{outbox.schema}".outbox FOR UPDATE')
+    relay = relay_factory()
+    first = consume(kafka_bootstrap, topic, expected=50, timeout=30)
+    assert len(first) == 50
+    relay.kill()
+    # A killed client's backend keeps waiting on the lock (and would commit the mark later);
+    # end it the way a crashed host's dropped connection ends.
+    outbox.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+               "WHERE application_name LIKE 'outbox-relay%%'")
+    wait_for(lambda: not outbox.sql("SELECT 1 FROM pg_stat_activity "
+                                    "WHERE application_name LIKE 'outbox-relay%%'"), 10,
+             "the dead relay's backends to go")
+    blocker.rollback()
+    blocker.close()
+    assert outbox.pending() == 50, "nothing may be marked: the mark never committed"
+    relay_factory()
+    wait_for(lambda: outbox.pending() == 0, 30, "redelivery")
+    got = consume(kafka_bootstrap, topic, expected=100, timeout=30, settle=2)
+    keys = [m.headers["idempotency-key"] for m in got]
+    assert len(keys) == 100 and len(set(keys)) == 50
+    assert all(keys.count(k) == 2 for k in set(keys)), "duplicates carry the same key"
+
+
+def _owners(outbox: Outbox, ns: int) -> list[tuple[int, int]]:
+    return [(int(r[0]), int(r[1])) for r in outbox.sql(
+        "SELECT objid::int, pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::oid"
+        " AND objsubid = 2 AND granted AND objid < 1000000", (ns,))]
+
+
+def test_two_relays_split_shards_and_fail_over(
+    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    store = Store(outbox.schema, "outbox", _namespace(outbox))
+    a, b = relay_factory(), relay_factory()
+
+    def split() -> bool:
+        owners = _owners(outbox, store.namespace)
+        shards = [s for s, _ in owners]
+        return (sorted(shards) == list(range(outbox.shards))
+                and len({p for _, p in owners}) == 2)
+
+    wait_for(split, 20, "two relays to split the shards")
+    owners = _owners(outbox, store.namespace)
+    assert len(owners) == len({s for s, _ in owners}), "a shard has two owners"
+    epochs_before = dict(outbox.sql('SELECT shard, epoch FROM "%s".outbox_shards' % outbox.schema))
+    a.kill()
+    wait_for(lambda: len({p for _, p in _owners(outbox, store.namespace)}) == 1
+             and len(_owners(outbox, store.namespace)) == outbox.shards, 15,
+             "the survivor to take every shard")
+    epochs_after = dict(outbox.sql('SELECT shard, epoch FROM "%s".outbox_shards' % outbox.schema))
+    assert any(epochs_after[s] > epochs_before[s] for s in epochs_before), "takeover bumps epochs"
+    _enqueue_numbered(engine, topic, 500, keys=50)
+    got = consume(kafka_bootstrap, topic, expected=500, timeout=30)
+    assert {json.loads(m.value)["n"] for m in got} == set(range(500))
+    assert b.terminate() == 0
+
+
+def _namespace(outbox: Outbox) -> int:
+    from outbox_relay.settings import load_settings
+
+    return load_settings(db_schema=outbox.schema, table="outbox").namespace
+
+
+def test_stale_epoch_mark_changes_nothing(outbox: Outbox, engine: Engine) -> None:
+    _enqueue_numbered(engine, "fence", 10, keys=1)
+    store = Store(outbox.schema, "outbox", _namespace(outbox))
+    with psycopg.connect(conninfo(outbox.url), autocommit=True) as conn:
+        rows = store.fetch(conn, list(range(outbox.shards)), [], 100)
+        shard = rows[0].shard
+        old = store.take_epoch(conn, shard, "old-owner")
+        new = store.take_epoch(conn, shard, "new-owner")
+        assert new == old + 1
+        ids = [r.id for r in rows]
+        assert store.mark_sent(conn, ids, {shard: old}) == 0
+        assert store.mark_failed(conn, [], {shard: old}, 3) == []
+        assert outbox.pending() == 10
+        assert store.mark_sent(conn, ids, {shard: new}) == 10
+        assert outbox.pending() == 0
+
+
+def test_listen_connection_terminated_relay_recovers(
+    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    # A long poll interval: prompt delivery after the kill proves the NOTIFY path came back.
+    relay_factory(OUTBOX_POLL_INTERVAL="60")
+    _enqueue_numbered(engine, topic, 10, keys=2)
+    consume(kafka_bootstrap, topic, expected=10, timeout=20)
+    killed = outbox.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name LIKE 'outbox-relay listen%%'")
+    assert killed, "no LISTEN connection found"
+    time.sleep(1.5)
+    _enqueue_numbered(engine, topic, 10, keys=2, start=10)
+    wait_for(lambda: outbox.pending() == 0, 15, "delivery after the LISTEN backend was killed")
+    got = consume(kafka_bootstrap, topic, expected=20, timeout=20)
+    assert {json.loads(m.value)["n"] for m in got} == set(range(20))
+
+
+def test_all_relay_backends_terminated_relay_recovers(
+    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    relay = relay_factory()
+    _enqueue_numbered(engine, topic, 2000, keys=20)
+    for _ in range(3):
+        time.sleep(0.5)
+        outbox.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE application_name LIKE 'outbox-relay%%'")
+    _enqueue_numbered(engine, topic, 2000, keys=20, start=2000)
+    wait_for(lambda: outbox.pending() == 0, 60, "drain after repeated backend kills")
+    got = consume(kafka_bootstrap, topic, expected=4000, timeout=30)
+    assert {json.loads(m.value)["n"] for m in got} == set(range(4000))
+    assert _per_key_order_first_seen(got)
+    assert relay.alive()
+
+
+def _per_key_order_first_seen(msgs: list) -> bool:
+    seen: set[int] = set()
+    firsts = []
+    for m in msgs:
+        n = json.loads(m.value)["n"]
+        if n not in seen:
+            seen.add(n)
+            firsts.append(m)
+    return _per_key_order_ok(firsts)
+
+
+def test_poll_only_mode(
+    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    relay = relay_factory("--poll-only", OUTBOX_POLL_INTERVAL="0.5")
+    wait_for(lambda: bool(outbox.sql("SELECT 1 FROM pg_stat_activity WHERE application_name "
+                                     "LIKE 'outbox-relay lease%%'")), 15, "relay up")
+    assert not outbox.sql("SELECT 1 FROM pg_stat_activity WHERE application_name "
+                          "LIKE 'outbox-relay listen%%'"), "poll-only must not LISTEN"
+    _enqueue_numbered(engine, topic, 100, keys=10)
+    got = consume(kafka_bootstrap, topic, expected=100, timeout=30)
+    assert len(got) == 100
+    assert outbox.sql('SELECT count(*) FROM "%s".outbox_wakeup WHERE idle' % outbox.schema)[0][0] == 0
+    assert relay.terminate() == 0
+
+
+def test_graceful_shutdown_releases_leases(
+    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    _enqueue_numbered(engine, topic, 5000, keys=50)
+    relay = relay_factory()
+    wait_for(lambda: outbox.pending() < 5000, 30, "draining")
+    started = time.monotonic()
+    assert relay.terminate() == 0
+    assert time.monotonic() - started < 30
+    assert _owners(outbox, _namespace(outbox)) == []
+    assert "released shards" in relay.output()
+    sent = outbox.sql("SELECT count(*) FROM {t} WHERE sent_at IS NOT NULL")[0][0]
+    got = consume(kafka_bootstrap, topic, expected=sent, timeout=30, settle=1)
+    assert len({m.headers["idempotency-key"] for m in got}) >= sent, "marked but not delivered"
+
+
+def test_health_endpoints(
+    outbox: Outbox, topic: str, relay_factory: Callable[..., RelayProcess]
+) -> None:
+    relay = relay_factory()
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{relay.http_port}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait_for(ready, 20, "/readyz 200")
+    with urllib.request.urlopen(f"http://127.0.0.1:{relay.http_port}/healthz", timeout=2) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{relay.http_port}/metrics", timeout=2) as r:
+        assert b"outbox_shards_owned" in r.read()
+
+
+def test_oversized_message_dead_letters_and_cli_retry(
+    outbox: Outbox, engine: Engine, kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from outbox_relay.settings import producer_settings
+
+    big_topic = f"test.big.{os.urandom(4).hex()}"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(big_topic, 1, 1, config={"max.message.bytes": "4000000"})]
+                        )[big_topic].result(30)
+    monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", str(3_000_000))
+    producer_settings.cache_clear()
+    with Session(engine) as s, s.begin():
+        enqueue(s, big_topic, b"x" * 2_000_000, key="big", idempotency_key="too-big")
+        enqueue(s, big_topic, b"after", key="big", idempotency_key="after-big")
+        enqueue(s, big_topic, b"other", key="other", idempotency_key="other-key")
+    relay = relay_factory(OUTBOX_MAX_ATTEMPTS="2", OUTBOX_RETRY_BACKOFF_BASE="0.05")
+    wait_for(lambda: outbox.sql("SELECT dead_at IS NOT NULL FROM {t} WHERE idempotency_key = "
+                                "'too-big'")[0][0], 30, "dead letter")
+    got = consume(kafka_bootstrap, big_topic, expected=2, timeout=30, settle=1)
+    assert sorted(m.headers["idempotency-key"] for m in got) == ["after-big", "other-key"]
+    # the key waited for its failing head: sent only once that was dead-lettered
+    order = outbox.sql("SELECT (SELECT sent_at FROM {t} WHERE idempotency_key = 'after-big')"
+                       " >= (SELECT dead_at FROM {t} WHERE idempotency_key = 'too-big')")
+    assert order[0][0] is True
+    row = outbox.sql("SELECT attempts, last_error FROM {t} WHERE idempotency_key = 'too-big'")[0]
+    assert row[0] == 2 and "MSG_SIZE_TOO_LARGE" in row[1]
+    relay.terminate()
+    listed = run_cli("dead-letters", "list", "--json", env=outbox.env)
+    assert listed.returncode == 0 and "too-big" in listed.stdout
+    retried = run_cli("dead-letters", "retry", "--topic", big_topic, env=outbox.env)
+    assert retried.returncode == 0 and "re-queued 1" in retried.stdout
+    relay_factory("-X", "message.max.bytes=4000000")
+    more = consume(kafka_bootstrap, big_topic, expected=3, timeout=30)
+    assert more[-1].headers["idempotency-key"] == "too-big"
+    wait_for(lambda: outbox.pending() == 0, 10, "retried dead letter sent")
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}, "cannot reach Kafka"),
+        ({"OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "not a host list"}, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS"),
+        ({"OUTBOX_DATABASE_URL": "postgresql://outbox:outbox@127.0.0.1:1/outbox"},
+         "cannot connect"),
+        ({"OUTBOX_BATCH_SIZE": "zero"}, "OUTBOX_BATCH_SIZE"),
+        ({"OUTBOX_SINK": "carrier-pigeon"}, "OUTBOX_SINK"),
+    ],
+)
+def test_bad_config_is_one_clear_line(
+    outbox: Outbox, kafka_bootstrap: str, env: dict[str, str], needle: str
+) -> None:
+    full = {**outbox.env, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "OUTBOX_HTTP_PORT": "0", "OUTBOX_KAFKA_PROPERTIES": '{"socket.timeout.ms": 3000}',
+            **env}
+    done = run_cli("run", env=full, timeout=60)
+    assert done.returncode == 2
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("outbox-relay: error:")]
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_sigterm_during_idle_exits_promptly(
+    outbox: Outbox, relay_factory: Callable[..., RelayProcess]
+) -> None:
+    relay = relay_factory(OUTBOX_POLL_INTERVAL="30")
+    wait_for(lambda: "took shards" in relay.output(), 20, "relay up")
+    started = time.monotonic()
+    relay.proc.send_signal(signal.SIGTERM)
+    assert relay.proc.wait(10) == 0
+    assert time.monotonic() - started < 5
