@@ -46,6 +46,11 @@ KAFKA_VERSION="${OUTBOX_KAFKA_VERSION:-4.4.0}"
 LOG4J_VERSION=2.26.1
 KAFKA_PORT="${OUTBOX_KAFKA_PORT:-19092}"
 KAFKA_CONTROLLER_PORT="${OUTBOX_KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
+# A third listener for the fault-injection tests: the broker listens on FAULTS_PORT but
+# advertises FAULTS_PROXY_PORT, where a test's TCP proxy forwards to it. Clients bootstrapped
+# there keep talking through the proxy (metadata points them back at it).
+KAFKA_FAULTS_PORT="${OUTBOX_KAFKA_FAULTS_PORT:-$((KAFKA_PORT + 4))}"
+KAFKA_FAULTS_PROXY_PORT="${OUTBOX_KAFKA_FAULTS_PROXY_PORT:-$((KAFKA_PORT + 5))}"
 KAFKA_CACHE="${OUTBOX_KAFKA_CACHE:-${HOME:-/root}/.cache/outbox-relay/kafka-$KAFKA_VERSION}"
 KAFKA_HOME="$DEV/kafka"
 KAFKA_DATA="$KAFKA_HOME/data"
@@ -430,11 +435,11 @@ kafka_write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,FAULTS://127.0.0.1:$KAFKA_FAULTS_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,FAULTS://127.0.0.1:$KAFKA_FAULTS_PROXY_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,FAULTS:PLAINTEXT
 log.dirs=$KAFKA_DATA
 num.partitions=4
 default.replication.factor=1
@@ -604,7 +609,7 @@ kafka_start() {
   fi
   rm -f -- "$KAFKA_PIDFILE"
   local p
-  for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+  for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_FAULTS_PORT"; do
     if port_listening "$p"; then
       die "port 127.0.0.1:$p is already taken by $(port_owner "$p"), not our Kafka broker (set OUTBOX_KAFKA_PORT to use other ports)"
     fi
@@ -676,6 +681,8 @@ write_env() {
 export OUTBOX_DATABASE_URL=postgresql+psycopg://$APP_USER:$APP_PASSWORD@127.0.0.1:$PG_PORT/outbox
 export OUTBOX_TEST_DATABASE_URL=postgresql+psycopg://$APP_USER:$APP_PASSWORD@127.0.0.1:$PG_PORT/outbox_test
 export OUTBOX_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT
+export OUTBOX_KAFKA_FAULTS_PORT=$KAFKA_FAULTS_PORT
+export OUTBOX_KAFKA_FAULTS_PROXY_PORT=$KAFKA_FAULTS_PROXY_PORT
 export OUTBOX_PG_DATA=$PG_DATA
 export OUTBOX_PG_BIN=$PG_BIN
 export OUTBOX_PG_PORT=$PG_PORT

@@ -92,16 +92,22 @@ class Outbox:
 
 
 def migrate_schema(url: str, schema: str, shards: int, table: str = "outbox") -> dict[str, str]:
-    env = {**os.environ, "OUTBOX_DATABASE_URL": url, "OUTBOX_SCHEMA": schema,
-           "OUTBOX_TABLE": table, "OUTBOX_SHARDS": str(shards)}
+    env = {
+        **os.environ,
+        "OUTBOX_DATABASE_URL": url,
+        "OUTBOX_SCHEMA": schema,
+        "OUTBOX_TABLE": table,
+        "OUTBOX_SHARDS": str(shards),
+    }
     done = run_cli("migrate", env=env)
     assert done.returncode == 0, done.stderr
     return env
 
 
 @pytest.fixture
-def outbox(db_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-           ) -> Iterator[Outbox]:
+def outbox(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Outbox]:
     """A migrated outbox in a unique schema; the producer helper is pointed at it."""
     marker = request.node.get_closest_marker("shards")
     shards = int(marker.args[0]) if marker else 8
@@ -120,7 +126,9 @@ def topic(kafka_bootstrap: str) -> Iterator[str]:
     """A fresh Kafka topic with 4 partitions."""
     name = f"test.{uuid.uuid4().hex[:12]}"
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for fut in admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)]).values():
+    for fut in admin.create_topics(
+        [NewTopic(name, num_partitions=4, replication_factor=1)]
+    ).values():
         fut.result(timeout=30)
     yield name
     admin.delete_topics([name], operation_timeout=10)
@@ -136,15 +144,20 @@ class Received:
     headers: dict[str, str]
 
 
-def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60.0,
-            settle: float = 0.0) -> list[Received]:
+def consume(
+    bootstrap: str, topic: str, expected: int, timeout: float = 60.0, settle: float = 0.0
+) -> list[Received]:
     """Read ``topic`` from the beginning until ``expected`` messages arrived (then ``settle`` s
     more, to catch extras) or ``timeout``; returns what arrived, in per-partition order."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
-        "auto.offset.reset": "earliest", "enable.auto.commit": False,
-        "isolation.level": "read_committed",
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     consumer.subscribe([topic])
     got: list[Received] = []
     deadline = time.monotonic() + timeout
@@ -160,8 +173,16 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60.0,
                 continue
             headers = {k: (v.decode() if v is not None else "") for k, v in msg.headers() or []}
             key = msg.key()
-            got.append(Received(msg.topic(), msg.partition(), msg.offset(),
-                                key.decode() if key is not None else None, msg.value(), headers))
+            got.append(
+                Received(
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                    key.decode() if key is not None else None,
+                    msg.value(),
+                    headers,
+                )
+            )
     finally:
         consumer.close()
     return got
@@ -181,8 +202,13 @@ class RelayProcess:
         self.http_port = free_port()
         env = {**env, "OUTBOX_HTTP_PORT": str(self.http_port), "OUTBOX_HTTP_HOST": "127.0.0.1"}
         self._fh = log.open("ab")
-        self.proc = subprocess.Popen([str(BIN), "run", *args], env=env, stdout=self._fh,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(BIN), "run", *args],
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -210,15 +236,21 @@ class RelayProcess:
 
 
 @pytest.fixture
-def relay_factory(outbox: Outbox, kafka_bootstrap: str, tmp_path: Path
-                  ) -> Iterator[Callable[..., RelayProcess]]:
+def relay_factory(
+    outbox: Outbox, kafka_bootstrap: str, tmp_path: Path
+) -> Iterator[Callable[..., RelayProcess]]:
     """Start relays against ``outbox``; every one is stopped at teardown."""
     started: list[RelayProcess] = []
 
     def start(*args: str, **env: str) -> RelayProcess:
-        full = {**outbox.env, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-                "OUTBOX_POLL_INTERVAL": "1", "OUTBOX_REBALANCE_INTERVAL": "0.5",
-                "OUTBOX_RELAY_NAME": f"relay-{len(started)}", **env}
+        full = {
+            **outbox.env,
+            "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "OUTBOX_POLL_INTERVAL": "1",
+            "OUTBOX_REBALANCE_INTERVAL": "0.5",
+            "OUTBOX_RELAY_NAME": f"relay-{len(started)}",
+            **env,
+        }
         relay = RelayProcess(full, tmp_path / f"relay-{len(started)}.log", args)
         started.append(relay)
         return relay

@@ -27,7 +27,9 @@ from .conftest import Outbox, RelayProcess, consume, run_cli, wait_for
 
 def _enqueue_numbered(engine: Engine, topic: str, n: int, keys: int, start: int = 0) -> None:
     with Session(engine) as s, s.begin():
-        enqueue_many(s, [Message(topic, {"n": i}, key=f"k{i % keys}") for i in range(start, start + n)])
+        enqueue_many(
+            s, [Message(topic, {"n": i}, key=f"k{i % keys}") for i in range(start, start + n)]
+        )
 
 
 def _per_key_order_ok(msgs: list) -> bool:
@@ -41,16 +43,18 @@ def _per_key_order_ok(msgs: list) -> bool:
 
 
 def test_delivers_committed_rows_only_with_headers(
-    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     relay = relay_factory()
     with Session(engine) as s, s.begin():
         enqueue(s, topic, {"n": 1}, key="a", headers={"trace": "t-1"}, idempotency_key="ik-1")
-    with Session(engine) as s:
-        with s.begin():
-            enqueue(s, topic, {"n": 2}, key="a", idempotency_key="ik-rolled-back")
-            s.rollback()
+    with Session(engine) as s, s.begin():
+        enqueue(s, topic, {"n": 2}, key="a", idempotency_key="ik-rolled-back")
+        s.rollback()
     with Session(engine) as s, s.begin():
         enqueue(s, topic, "plain", key=None, idempotency_key="ik-3")
     got = consume(kafka_bootstrap, topic, expected=2, timeout=30, settle=2)
@@ -71,7 +75,7 @@ def _murmur2(data: bytes) -> int:
     length = len(data)
     h = (0x9747B28C ^ length) & 0xFFFFFFFF
     for i in range(0, length - length % 4, 4):
-        k = int.from_bytes(data[i:i + 4], "little")
+        k = int.from_bytes(data[i : i + 4], "little")
         k = (k * m) & 0xFFFFFFFF
         k ^= k >> r
         k = (k * m) & 0xFFFFFFFF
@@ -92,7 +96,10 @@ def _murmur2(data: bytes) -> int:
 
 
 def test_per_key_order_with_concurrent_writers_and_java_partitions(
-    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     relay_factory()
@@ -131,7 +138,10 @@ def test_per_key_order_with_concurrent_writers_and_java_partitions(
 
 
 def test_restart_mid_stream_loses_nothing(
-    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     _enqueue_numbered(engine, topic, 20_000, keys=100)
@@ -147,7 +157,10 @@ def test_restart_mid_stream_loses_nothing(
 
 
 def test_sigkill_between_publish_and_mark_duplicates_only_that_batch(
-    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     _enqueue_numbered(engine, topic, 50, keys=5)
@@ -160,11 +173,19 @@ def test_sigkill_between_publish_and_mark_duplicates_only_that_batch(
     relay.kill()
     # A killed client's backend keeps waiting on the lock (and would commit the mark later);
     # end it the way a crashed host's dropped connection ends.
-    outbox.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-               "WHERE application_name LIKE 'outbox-relay%%'")
-    wait_for(lambda: not outbox.sql("SELECT 1 FROM pg_stat_activity "
-                                    "WHERE application_name LIKE 'outbox-relay%%'"), 10,
-             "the dead relay's backends to go")
+    outbox.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name LIKE 'outbox-relay%%'"
+    )
+    wait_for(
+        lambda: (
+            not outbox.sql(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'outbox-relay%%'"
+            )
+        ),
+        10,
+        "the dead relay's backends to go",
+    )
     blocker.rollback()
     blocker.close()
     assert outbox.pending() == 50, "nothing may be marked: the mark never committed"
@@ -177,13 +198,21 @@ def test_sigkill_between_publish_and_mark_duplicates_only_that_batch(
 
 
 def _owners(outbox: Outbox, ns: int) -> list[tuple[int, int]]:
-    return [(int(r[0]), int(r[1])) for r in outbox.sql(
-        "SELECT objid::int, pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::oid"
-        " AND objsubid = 2 AND granted AND objid < 1000000", (ns,))]
+    return [
+        (int(r[0]), int(r[1]))
+        for r in outbox.sql(
+            "SELECT objid::int, pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::oid"
+            " AND objsubid = 2 AND granted AND objid < 1000000",
+            (ns,),
+        )
+    ]
 
 
 def test_two_relays_split_shards_and_fail_over(
-    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     store = Store(outbox.schema, "outbox", _namespace(outbox))
@@ -192,18 +221,22 @@ def test_two_relays_split_shards_and_fail_over(
     def split() -> bool:
         owners = _owners(outbox, store.namespace)
         shards = [s for s, _ in owners]
-        return (sorted(shards) == list(range(outbox.shards))
-                and len({p for _, p in owners}) == 2)
+        return sorted(shards) == list(range(outbox.shards)) and len({p for _, p in owners}) == 2
 
     wait_for(split, 20, "two relays to split the shards")
     owners = _owners(outbox, store.namespace)
     assert len(owners) == len({s for s, _ in owners}), "a shard has two owners"
-    epochs_before = dict(outbox.sql('SELECT shard, epoch FROM "%s".outbox_shards' % outbox.schema))
+    epochs_before = dict(outbox.sql(f'SELECT shard, epoch FROM "{outbox.schema}".outbox_shards'))
     a.kill()
-    wait_for(lambda: len({p for _, p in _owners(outbox, store.namespace)}) == 1
-             and len(_owners(outbox, store.namespace)) == outbox.shards, 15,
-             "the survivor to take every shard")
-    epochs_after = dict(outbox.sql('SELECT shard, epoch FROM "%s".outbox_shards' % outbox.schema))
+    wait_for(
+        lambda: (
+            len({p for _, p in _owners(outbox, store.namespace)}) == 1
+            and len(_owners(outbox, store.namespace)) == outbox.shards
+        ),
+        15,
+        "the survivor to take every shard",
+    )
+    epochs_after = dict(outbox.sql(f'SELECT shard, epoch FROM "{outbox.schema}".outbox_shards'))
     assert any(epochs_after[s] > epochs_before[s] for s in epochs_before), "takeover bumps epochs"
     _enqueue_numbered(engine, topic, 500, keys=50)
     got = consume(kafka_bootstrap, topic, expected=500, timeout=30)
@@ -235,15 +268,20 @@ def test_stale_epoch_mark_changes_nothing(outbox: Outbox, engine: Engine) -> Non
 
 
 def test_listen_connection_terminated_relay_recovers(
-    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     # A long poll interval: prompt delivery after the kill proves the NOTIFY path came back.
     relay_factory(OUTBOX_POLL_INTERVAL="60")
     _enqueue_numbered(engine, topic, 10, keys=2)
     consume(kafka_bootstrap, topic, expected=10, timeout=20)
-    killed = outbox.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name LIKE 'outbox-relay listen%%'")
+    killed = outbox.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name LIKE 'outbox-relay listen%%'"
+    )
     assert killed, "no LISTEN connection found"
     time.sleep(1.5)
     _enqueue_numbered(engine, topic, 10, keys=2, start=10)
@@ -253,15 +291,20 @@ def test_listen_connection_terminated_relay_recovers(
 
 
 def test_all_relay_backends_terminated_relay_recovers(
-    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     relay = relay_factory()
     _enqueue_numbered(engine, topic, 2000, keys=20)
     for _ in range(3):
         time.sleep(0.5)
-        outbox.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                   "WHERE application_name LIKE 'outbox-relay%%'")
+        outbox.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name LIKE 'outbox-relay%%'"
+        )
     _enqueue_numbered(engine, topic, 2000, keys=20, start=2000)
     wait_for(lambda: outbox.pending() == 0, 60, "drain after repeated backend kills")
     got = consume(kafka_bootstrap, topic, expected=4000, timeout=30)
@@ -282,23 +325,37 @@ def _per_key_order_first_seen(msgs: list) -> bool:
 
 
 def test_poll_only_mode(
-    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     relay = relay_factory("--poll-only", OUTBOX_POLL_INTERVAL="0.5")
-    wait_for(lambda: bool(outbox.sql("SELECT 1 FROM pg_stat_activity WHERE application_name "
-                                     "LIKE 'outbox-relay lease%%'")), 15, "relay up")
-    assert not outbox.sql("SELECT 1 FROM pg_stat_activity WHERE application_name "
-                          "LIKE 'outbox-relay listen%%'"), "poll-only must not LISTEN"
+    wait_for(
+        lambda: bool(
+            outbox.sql(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'outbox-relay lease%%'"
+            )
+        ),
+        15,
+        "relay up",
+    )
+    assert not outbox.sql(
+        "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'outbox-relay listen%%'"
+    ), "poll-only must not LISTEN"
     _enqueue_numbered(engine, topic, 100, keys=10)
     got = consume(kafka_bootstrap, topic, expected=100, timeout=30)
     assert len(got) == 100
-    assert outbox.sql('SELECT count(*) FROM "%s".outbox_wakeup WHERE idle' % outbox.schema)[0][0] == 0
+    assert outbox.sql(f'SELECT count(*) FROM "{outbox.schema}".outbox_wakeup WHERE idle')[0][0] == 0
     assert relay.terminate() == 0
 
 
 def test_graceful_shutdown_releases_leases(
-    outbox: Outbox, topic: str, engine: Engine, kafka_bootstrap: str,
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     _enqueue_numbered(engine, topic, 5000, keys=50)
@@ -321,7 +378,9 @@ def test_health_endpoints(
 
     def ready() -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{relay.http_port}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{relay.http_port}/readyz", timeout=2
+            ) as r:
                 return r.status == 200
         except OSError:
             return False
@@ -334,15 +393,19 @@ def test_health_endpoints(
 
 
 def test_oversized_message_dead_letters_and_cli_retry(
-    outbox: Outbox, engine: Engine, kafka_bootstrap: str,
-    relay_factory: Callable[..., RelayProcess], monkeypatch: pytest.MonkeyPatch,
+    outbox: Outbox,
+    engine: Engine,
+    kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from outbox_relay.settings import producer_settings
 
     big_topic = f"test.big.{os.urandom(4).hex()}"
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    admin.create_topics([NewTopic(big_topic, 1, 1, config={"max.message.bytes": "4000000"})]
-                        )[big_topic].result(30)
+    admin.create_topics([NewTopic(big_topic, 1, 1, config={"max.message.bytes": "4000000"})])[
+        big_topic
+    ].result(30)
     monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", str(3_000_000))
     producer_settings.cache_clear()
     with Session(engine) as s, s.begin():
@@ -350,13 +413,20 @@ def test_oversized_message_dead_letters_and_cli_retry(
         enqueue(s, big_topic, b"after", key="big", idempotency_key="after-big")
         enqueue(s, big_topic, b"other", key="other", idempotency_key="other-key")
     relay = relay_factory(OUTBOX_MAX_ATTEMPTS="2", OUTBOX_RETRY_BACKOFF_BASE="0.05")
-    wait_for(lambda: outbox.sql("SELECT dead_at IS NOT NULL FROM {t} WHERE idempotency_key = "
-                                "'too-big'")[0][0], 30, "dead letter")
+    wait_for(
+        lambda: outbox.sql("SELECT dead_at IS NOT NULL FROM {t} WHERE idempotency_key = 'too-big'")[
+            0
+        ][0],
+        30,
+        "dead letter",
+    )
     got = consume(kafka_bootstrap, big_topic, expected=2, timeout=30, settle=1)
     assert sorted(m.headers["idempotency-key"] for m in got) == ["after-big", "other-key"]
     # the key waited for its failing head: sent only once that was dead-lettered
-    order = outbox.sql("SELECT (SELECT sent_at FROM {t} WHERE idempotency_key = 'after-big')"
-                       " >= (SELECT dead_at FROM {t} WHERE idempotency_key = 'too-big')")
+    order = outbox.sql(
+        "SELECT (SELECT sent_at FROM {t} WHERE idempotency_key = 'after-big')"
+        " >= (SELECT dead_at FROM {t} WHERE idempotency_key = 'too-big')"
+    )
     assert order[0][0] is True
     row = outbox.sql("SELECT attempts, last_error FROM {t} WHERE idempotency_key = 'too-big'")[0]
     assert row[0] == 2 and "MSG_SIZE_TOO_LARGE" in row[1]
@@ -376,8 +446,10 @@ def test_oversized_message_dead_letters_and_cli_retry(
     [
         ({"OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}, "cannot reach Kafka"),
         ({"OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "not a host list"}, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS"),
-        ({"OUTBOX_DATABASE_URL": "postgresql://outbox:outbox@127.0.0.1:1/outbox"},
-         "cannot connect"),
+        (
+            {"OUTBOX_DATABASE_URL": "postgresql://outbox:outbox@127.0.0.1:1/outbox"},
+            "cannot connect",
+        ),
         ({"OUTBOX_BATCH_SIZE": "zero"}, "OUTBOX_BATCH_SIZE"),
         ({"OUTBOX_SINK": "carrier-pigeon"}, "OUTBOX_SINK"),
     ],
@@ -385,9 +457,13 @@ def test_oversized_message_dead_letters_and_cli_retry(
 def test_bad_config_is_one_clear_line(
     outbox: Outbox, kafka_bootstrap: str, env: dict[str, str], needle: str
 ) -> None:
-    full = {**outbox.env, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "OUTBOX_HTTP_PORT": "0", "OUTBOX_KAFKA_PROPERTIES": '{"socket.timeout.ms": 3000}',
-            **env}
+    full = {
+        **outbox.env,
+        "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "OUTBOX_HTTP_PORT": "0",
+        "OUTBOX_KAFKA_PROPERTIES": '{"socket.timeout.ms": 3000}',
+        **env,
+    }
     done = run_cli("run", env=full, timeout=60)
     assert done.returncode == 2
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("outbox-relay: error:")]

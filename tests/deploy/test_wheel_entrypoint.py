@@ -28,27 +28,47 @@ def test_wheel_in_fresh_venv_migrates_runs_and_drains_on_sigterm(
     tmp_path: Path, db_url: str, kafka_bootstrap: str
 ) -> None:
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist),
-                    str(REPO)], check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(REPO)],
+        check=True,
+        timeout=300,
+    )
     wheels = list(dist.glob("outbox_relay-*.whl"))
     assert len(wheels) == 1
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheels[0])], check=True,
-                   timeout=600)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", str(wheels[0])], check=True, timeout=600
+    )
     exe = venv / "bin" / "outbox-relay"
     schema = f"img_{uuid.uuid4().hex[:8]}"
-    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "OUTBOX_DATABASE_URL": db_url,
-           "OUTBOX_SCHEMA": schema, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-           "PYTHONUNBUFFERED": "1", "HOME": str(tmp_path)}
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "OUTBOX_DATABASE_URL": db_url,
+        "OUTBOX_SCHEMA": schema,
+        "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "PYTHONUNBUFFERED": "1",
+        "HOME": str(tmp_path),
+    }
     try:
         # the migrations are inside the wheel, not read from the source tree
-        migrated = subprocess.run([str(exe), "migrate"], env=env, cwd=tmp_path,
-                                  capture_output=True, text=True, timeout=120)
+        migrated = subprocess.run(
+            [str(exe), "migrate"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert migrated.returncode == 0, migrated.stderr
         port = free_port()
-        relay = subprocess.Popen([str(exe), "run"], env={**env, "OUTBOX_HTTP_PORT": str(port)},
-                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        relay = subprocess.Popen(
+            [str(exe), "run"],
+            env={**env, "OUTBOX_HTTP_PORT": str(port)},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
 
         def ready() -> bool:
             try:
