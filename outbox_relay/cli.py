@@ -145,10 +145,9 @@ def _connect(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
 
 # ---------------------------------------------------------------------- migrate
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from alembic import command
     from alembic.config import Config
     from alembic.util import CommandError
-
-    from alembic import command
 
     from .migrations import HEAD, SCRIPT_LOCATION
 

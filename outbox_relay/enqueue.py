@@ -210,7 +210,10 @@ def enqueue_many(session: Session | Connection, messages: Iterable[Message]) -> 
         else:
             result = session.execute(stmt)
     except DBAPIError as exc:
-        raise _translate(exc) from exc
+        translated = _translate(exc)
+        if translated is exc:
+            raise
+        raise translated from exc
     return _results(keys, result.all())
 
 
@@ -247,5 +250,8 @@ async def enqueue_many_async(
         else:
             result = await session.execute(stmt)
     except DBAPIError as exc:
-        raise _translate(exc) from exc
+        translated = _translate(exc)
+        if translated is exc:
+            raise
+        raise translated from exc
     return _results(keys, result.all())

@@ -29,7 +29,7 @@ from . import metrics
 from .errors import DatabaseUnavailable, FatalSinkError, OutboxError, ProxyDetected
 from .health import RelayState
 from .listener import Listener, Sleeper, Waiter
-from .settings import Settings, conninfo, redact
+from .settings import Settings, redact, relay_conninfo
 from .sinks.base import Outcome, Sink
 from .store import Failure, OutboxRow, Store
 
@@ -73,7 +73,7 @@ class Relay:
         self.stopping = False
         self.epochs: dict[int, int] = {}  # owned shard -> fencing epoch
         self.total_shards = 0
-        self._conninfo = conninfo(settings.require_database_url())
+        self._conninfo = relay_conninfo(settings.require_database_url())
         self._work: psycopg.Connection[Any] | None = None
         self._lease: psycopg.Connection[Any] | None = None
         self._waiter: Waiter | None = None
@@ -127,6 +127,7 @@ class Relay:
         self.total_shards = int(meta["shards"])
         if s.leases:
             self._refuse_transaction_pooling(self._lease)
+        self.store.harden_lease_session(self._lease)
         self.store.join_presence(self._lease)
         if s.wakeup == "notify":
             self._waiter = Listener(

@@ -136,6 +136,29 @@ def conninfo(url: str) -> str:
     return re.sub(r"^postgres(?:ql)?(?:\+\w+)?://", "postgresql://", url)
 
 
+#: libpq options of the relay's long-lived connections: a server that vanished without a FIN/RST
+#: (host crash, network cut, blackholed packets) is noticed in ~10 s instead of the kernel's
+#: ~15 minutes, so the relay reconnects. A URL that sets any of these keeps its own value.
+#: (The lease connection also asks the *server* to probe it: see Store.harden_lease_session.)
+KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
+
+
+def relay_conninfo(url: str) -> str:
+    """``conninfo(url)`` plus :data:`KEEPALIVES` where the URL does not set them."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    base = conninfo(url)
+    given = conninfo_to_dict(base)
+    extra = {k: v for k, v in KEEPALIVES.items() if k not in given}
+    return make_conninfo(base, **extra)
+
+
 def redact(url: str) -> str:
     """The URL without its password, for messages."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

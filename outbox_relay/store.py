@@ -200,6 +200,16 @@ class Store:
     def unlock(self, conn: psycopg.Connection[Any], shard: int) -> None:
         conn.execute("SELECT pg_advisory_unlock(%s, %s)", (self.namespace, shard))
 
+    def harden_lease_session(self, conn: psycopg.Connection[Any]) -> None:
+        """Have the server probe this session, so a relay that vanished (network cut, host
+        crash) loses its backend -- and with it its shard locks -- in ~10 s, not hours."""
+        conn.execute(
+            "SELECT set_config('tcp_keepalives_idle', '5', false),"
+            " set_config('tcp_keepalives_interval', '2', false),"
+            " set_config('tcp_keepalives_count', '3', false),"
+            " set_config('tcp_user_timeout', '10000', false)"
+        )
+
     def join_presence(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", (self.namespace, PRESENCE_KEY))
 

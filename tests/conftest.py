@@ -147,8 +147,9 @@ class Received:
 def consume(
     bootstrap: str, topic: str, expected: int, timeout: float = 60.0, settle: float = 0.0
 ) -> list[Received]:
-    """Read ``topic`` from the beginning until ``expected`` messages arrived (then ``settle`` s
-    more, to catch extras) or ``timeout``; returns what arrived, in per-partition order."""
+    """Read ``topic`` from the beginning until ``expected`` distinct messages (by idempotency key)
+    arrived, then ``settle`` s more to catch extras, or until ``timeout``; returns every copy
+    that arrived, in per-partition order."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -160,11 +161,12 @@ def consume(
     )
     consumer.subscribe([topic])
     got: list[Received] = []
+    unique: set[str] = set()
     deadline = time.monotonic() + timeout
     settle_until: float | None = None
     try:
         while time.monotonic() < deadline:
-            if settle_until is None and len(got) >= expected:
+            if settle_until is None and len(unique) >= expected:
                 settle_until = time.monotonic() + settle
             if settle_until is not None and time.monotonic() >= settle_until:
                 break
@@ -173,6 +175,7 @@ def consume(
                 continue
             headers = {k: (v.decode() if v is not None else "") for k, v in msg.headers() or []}
             key = msg.key()
+            unique.add(headers.get("idempotency-key", ""))
             got.append(
                 Received(
                     msg.topic(),

@@ -22,6 +22,7 @@ if context.is_offline_mode():
         version_table_schema=opts.schema,
     )
     with context.begin_transaction():
+        context.execute(f'CREATE SCHEMA IF NOT EXISTS "{opts.schema}"')
         context.run_migrations()
 else:
     engine = create_engine(url, poolclass=pool.NullPool)
