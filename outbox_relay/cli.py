@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from .relay import Relay
 
     sink = _make_sink(settings)
-    state = RelayState()
+    state = RelayState(sink_detail=getattr(sink, "status", None))
     relay = Relay(settings, sink, state=state)
     server = serve(state, settings.http_host, settings.http_port) if settings.http_port else None
 
@@ -221,6 +221,10 @@ def _forced_exit(settings: Settings) -> None:
 
 
 def _make_sink(settings: Settings) -> Any:
+    if settings.routes_file is not None or settings.sink == "webhook":
+        from .sinks.router import make_sink
+
+        return make_sink(settings)  # a routes file, or every topic to OUTBOX_WEBHOOK_URL
     if settings.sink == "kafka":
         from .sinks.kafka import KafkaSink
 

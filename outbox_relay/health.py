@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,6 +26,8 @@ class RelayState:
     fatal: str | None = None
     listener: str = "notify"
     owned: tuple[int, ...] = ()
+    #: the sink's own view (e.g. per webhook endpoint: open circuit, disabled by 410)
+    sink_detail: Callable[[], object] | None = None
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -46,6 +49,7 @@ class RelayState:
             "listener": self.listener,
             "shards": list(self.owned),
             "seconds_since_tick": round(time.monotonic() - self.last_tick, 3),
+            "sink_detail": self.sink_detail() if self.sink_detail is not None else None,
         }
 
 

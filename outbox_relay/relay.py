@@ -366,9 +366,16 @@ class Relay:
                 ),
             )
             for r, o in zip(rows, outcomes, strict=True)
-            if o.failed
+            if o.failed and o.counts_attempt
         ]
-        self.state.sink = bool(delivered) or not failures
+        deferred = [
+            Failure(r.id, o.error or "deferred", o.retry_after or s.poll_interval)
+            for r, o in zip(rows, outcomes, strict=True)
+            if o.failed and not o.counts_attempt
+        ]
+        if deferred:
+            self.store.mark_deferred(self._work, deferred, epochs)
+        self.state.sink = bool(delivered) or not (failures or deferred)
         if delivered:
             marked = self.store.mark_sent(self._work, [r.id for r in delivered], epochs)
             if marked < len(delivered):

@@ -11,9 +11,10 @@ import re
 import socket
 import zlib
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
@@ -66,6 +67,19 @@ class Settings(BaseSettings):
     kafka_properties: dict[str, Any] = Field(default_factory=dict)
     kafka_topic_prefix: str = ""
     kafka_delivery_timeout: float = Field(default=30.0, gt=0)
+
+    # -- webhook sink (docs/webhooks.md); a routes file mixes Kafka and webhook endpoints
+    webhook_url: str | None = None
+    #: one ``whsec_...`` secret, or several separated by spaces or commas (rotation)
+    webhook_secret: SecretStr | None = None
+    webhook_timeout: float = Field(default=15.0, gt=0, le=300)
+    webhook_concurrency: int = Field(default=16, ge=1, le=256)
+    webhook_headers: dict[str, str] = Field(default_factory=dict)
+    #: allow endpoints on loopback/private/link-local addresses (SSRF guard opt-out)
+    webhook_allow_private: bool = False
+    webhook_breaker_failures: int = Field(default=5, ge=1)
+    webhook_breaker_cooldown: float = Field(default=30.0, gt=0)
+    routes_file: Path | None = None
 
     @field_validator("db_schema", "table")
     @classmethod

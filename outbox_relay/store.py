@@ -112,6 +112,16 @@ class Store:
             " WHERE o.id = f.id AND o.shard = ok.shard AND o.sent_at IS NULL"
             " RETURNING o.id, o.dead_at IS NOT NULL AS dead",
         )
+        # Held back by the sink on purpose (e.g. webhook endpoint answered 410 Gone): wait, but
+        # do not count an attempt, so the row stays pending instead of becoming a dead letter.
+        q(
+            "mark_deferred",
+            "UPDATE {t} o SET last_error = f.error,"
+            " next_attempt_at = now() + f.delay * interval '1 second'"
+            " FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(delays)s::float8[])"
+            "   AS f(id, error, delay), " + lease + " AS ok"
+            " WHERE o.id = f.id AND o.shard = ok.shard AND o.sent_at IS NULL",
+        )
         q(
             "take_epoch",
             "INSERT INTO {shards} AS sh (shard, epoch, owner, acquired_at)"
@@ -297,6 +307,19 @@ class Store:
             **_lease_params(epochs),
         }
         return [int(r[0]) for r in self._run(conn, "mark_failed", params).fetchall() if r[1]]
+
+    def mark_deferred(
+        self, conn: psycopg.Connection[Any], failures: Sequence[Failure], epochs: dict[int, int]
+    ) -> None:
+        """Push rows back by ``delay`` without counting an attempt."""
+        if failures:
+            params = {
+                "ids": [f.id for f in failures],
+                "errors": [f.error[:2000] for f in failures],
+                "delays": [f.delay for f in failures],
+                **_lease_params(epochs),
+            }
+            self._run(conn, "mark_deferred", params)
 
     # -- operator commands
     def dead_letters(

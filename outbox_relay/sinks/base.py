@@ -22,6 +22,10 @@ class Outcome:
     error: str | None = None
     #: the sink's own hint for the next attempt (e.g. HTTP Retry-After), in seconds
     retry_after: float | None = None
+    #: False for :meth:`defer`: the sink held the row back (e.g. its webhook endpoint answered
+    #: 410 Gone) and the attempt should not count towards ``max_attempts``. A relay that does not
+    #: look at this field records it like any failure, which is the safe fallback.
+    counts_attempt: bool = True
 
     @property
     def failed(self) -> bool:
@@ -38,6 +42,11 @@ class Outcome:
     @classmethod
     def skip(cls) -> Outcome:
         return _SKIP
+
+    @classmethod
+    def defer(cls, error: str, retry_after: float | None = None) -> Outcome:
+        """Not delivered and held back on purpose: retry after ``retry_after`` s, keep pending."""
+        return cls(False, error, retry_after, counts_attempt=False)
 
 
 _OK = Outcome(True)
