@@ -561,3 +561,65 @@ def test_commit_order_inversion(
     )
     record(report, mode="default (id order)", violations_allowed=True)
     assert report.lost == 0 and report.unexpected == 0, report
+
+
+# 7 -------------------------------------------------------------------------------------------
+@pytest.mark.shards(SHARDS)
+def test_webhook_endpoint_failing_for_a_while(outbox: Outbox, producer_engine: Engine,
+                                             relay_factory: Callable[..., RelayProcess],
+                                             record: Callable[..., None]) -> None:
+    from ..conftest import Received
+    from ..webhook_receiver import Hit, Receiver, Reply
+
+    started = time.monotonic()
+    receiver = Receiver()
+    trouble_until = time.time() + 8
+    rnd = random.Random(7)
+    answered: dict[str, int] = {"500": 0, "429": 0, "slow": 0}
+
+    def rule(hit: Hit) -> Reply:
+        if time.time() >= trouble_until:
+            return Reply()
+        roll = rnd.random()
+        if roll < 0.3:
+            answered["500"] += 1
+            return Reply(500, body=b"internal error")
+        if roll < 0.4:
+            answered["429"] += 1
+            return Reply(429, {"Retry-After": "1"}, b"slow down")
+        if roll < 0.45:
+            answered["slow"] += 1
+            return Reply(200, delay=2.5)  # the relay times out first: it will send it again
+        return Reply()
+
+    receiver.rule = rule
+    secret = "whsec_" + __import__("base64").b64encode(os.urandom(24)).decode()
+    relay = relay_factory(**{
+        **RELAY_ENV, "OUTBOX_SINK": "webhook", "OUTBOX_WEBHOOK_URL": receiver.url(),
+        "OUTBOX_WEBHOOK_SECRET": secret, "OUTBOX_WEBHOOK_ALLOW_PRIVATE": "true",
+        "OUTBOX_WEBHOOK_TIMEOUT": "1", "OUTBOX_WEBHOOK_BREAKER_COOLDOWN": "1",
+        "OUTBOX_RETRY_BACKOFF_BASE": "0.2", "OUTBOX_RETRY_BACKOFF_MAX": "2",
+        "OUTBOX_MAX_ATTEMPTS": "100"})
+    try:
+        wl = Workload(producer_engine, "hooks", producers=3, pause=0.01)
+        wl.run_for(10)
+        wait_for(lambda: outbox.pending() == 0, 120, "webhook: every committed row sent",
+                 every=0.5)
+        time.sleep(1)
+        hits = receiver.delivered()
+    finally:
+        relay.terminate()
+        receiver.close()
+    received = [Received("hooks", 0, h.n, h.headers.get("outbox-key"), h.body,
+                         {"idempotency-key": h.id}) for h in hits]
+    report = check("webhook_endpoint_failing", outbox, received, wl.rolled_back,
+                   time.monotonic() - started)
+    report.extra["dead_letters"] = outbox.sql(
+        "SELECT count(*) FROM {t} WHERE dead_at IS NOT NULL")[0][0]
+    record(report, **{f"answered_{k}": v for k, v in answered.items()})
+    assert answered["500"] > 0 and answered["429"] > 0
+    assert report.lost == 0 and report.unexpected == 0 and report.order_violations == 0, report
+    assert report.duplicate_key_mismatches == 0
+    # a request the relay gave up on but the endpoint processed is the webhook duplicate window
+    assert report.duplicates <= answered["slow"], report
+    assert report.extra["dead_letters"] == 0
