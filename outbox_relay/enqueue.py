@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +166,29 @@ def _translate(exc: DBAPIError) -> Exception:
     return exc
 
 
+def _require(session: object, kinds: tuple[type, ...], name: str, twins: tuple[type, ...]) -> None:
+    if not isinstance(session, kinds):
+        hint = ""
+        if isinstance(session, twins):
+            hint = " (use enqueue)" if name == "enqueue_async" else " (use enqueue_async)"
+        wanted = " or ".join(k.__name__ for k in kinds)
+        raise WrongSessionType(
+            f"{name} needs a sqlalchemy {wanted}, not {type(session).__name__}{hint}"
+        )
+
+
+@contextmanager
+def _translated_errors() -> Iterator[None]:
+    """Turn a missing outbox table into OutboxTableMissing; let other errors through as they are."""
+    try:
+        yield
+    except DBAPIError as exc:
+        translated = _translate(exc)
+        if translated is exc:
+            raise
+        raise translated from exc
+
+
 def _messages(
     topic: str,
     payload: Payload,
@@ -193,27 +217,14 @@ def enqueue(
 
 def enqueue_many(session: Session | Connection, messages: Iterable[Message]) -> list[Enqueued]:
     """Add many messages with one INSERT statement inside ``session``'s transaction."""
-    if not isinstance(session, (Session, Connection)):
-        raise WrongSessionType(
-            f"enqueue needs a sqlalchemy Session or Connection, not {type(session).__name__}"
-            + (
-                " (use enqueue_async)"
-                if isinstance(session, (AsyncSession, AsyncConnection))
-                else ""
-            )
-        )
+    _require(session, (Session, Connection), "enqueue", (AsyncSession, AsyncConnection))
     stmt, keys = build_insert(list(messages))
-    try:
+    with _translated_errors():
         if isinstance(session, Session):
             with session.no_autoflush:
                 result = session.execute(stmt)
         else:
             result = session.execute(stmt)
-    except DBAPIError as exc:
-        translated = _translate(exc)
-        if translated is exc:
-            raise
-        raise translated from exc
     return _results(keys, result.all())
 
 
@@ -236,22 +247,12 @@ async def enqueue_many_async(
     session: AsyncSession | AsyncConnection, messages: Iterable[Message]
 ) -> list[Enqueued]:
     """Async twin of :func:`enqueue_many`."""
-    if not isinstance(session, (AsyncSession, AsyncConnection)):
-        raise WrongSessionType(
-            "enqueue_async needs a sqlalchemy AsyncSession or AsyncConnection, not "
-            f"{type(session).__name__}"
-            + (" (use enqueue)" if isinstance(session, (Session, Connection)) else "")
-        )
+    _require(session, (AsyncSession, AsyncConnection), "enqueue_async", (Session, Connection))
     stmt, keys = build_insert(list(messages))
-    try:
+    with _translated_errors():
         if isinstance(session, AsyncSession):
             with session.no_autoflush:
                 result = await session.execute(stmt)
         else:
             result = await session.execute(stmt)
-    except DBAPIError as exc:
-        translated = _translate(exc)
-        if translated is exc:
-            raise
-        raise translated from exc
     return _results(keys, result.all())
