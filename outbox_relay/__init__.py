@@ -65,12 +65,6 @@ def include_outbox_objects(name: str | None, type_: str, parent_names: object) -
     from .settings import producer_settings
 
     s = producer_settings()
-    names = {
-        s.table,
-        f"{s.table}_shards",
-        f"{s.table}_wakeup",
-        f"{s.table}_meta",
-        "outbox_relay_version",
-    }
+    names = {*build_tables(s.db_schema, s.table).names, "outbox_relay_version"}
     schema = parent_names.get("schema_name") if isinstance(parent_names, dict) else None
     return not (name in names and (schema is None or schema == s.db_schema))

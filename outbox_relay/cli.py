@@ -1,4 +1,4 @@
-"""``outbox-relay`` command line: migrate, run, status, dead-letters.
+"""``outbox-relay`` command line: migrate, run, status, dead-letters, retention, replay.
 
 Every expected failure prints one line ``outbox-relay: error: ...`` and exits 2; no traceback.
 """
@@ -78,6 +78,45 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--id", dest="ids", type=int, action="append")
     dr.add_argument("--topic")
     dr.add_argument("--all", action="store_true", help="retry every dead letter")
+    # -- operations (docs/operations.md)
+    ds = dsub.add_parser("show", help="one outbox row in full (payload only with --payload)")
+    ds.add_argument("--id", dest="row_id", type=int, required=True)
+    ds.add_argument("--payload", action="store_true", help="include the payload")
+    ds.add_argument("--json", action="store_true")
+    dd = dsub.add_parser(
+        "discard", help="give up on dead letters; each row stays as its own audit record"
+    )
+    dd.add_argument("--id", dest="ids", type=int, action="append")
+    dd.add_argument("--topic")
+    dd.add_argument("--all", action="store_true", help="discard every dead letter")
+    dd.add_argument("--reason", help="why (kept in the audit record)")
+    dd.add_argument("--dry-run", action="store_true", help="only count")
+    dx = dsub.add_parser("discarded", help="list discarded dead letters (the audit records)")
+    dx.add_argument("--topic")
+    dx.add_argument("--limit", type=int, default=100)
+    dx.add_argument("--json", action="store_true")
+    du = dsub.add_parser("restore", help="make discarded rows dead letters again")
+    du.add_argument("--id", dest="ids", type=int, action="append")
+    du.add_argument("--topic")
+
+    rt = sub.add_parser("retention", help="delete sent rows older than OUTBOX_RETENTION")
+    rtsub = rt.add_subparsers(dest="action", required=True)
+    rr = rtsub.add_parser("run", help="one run to the end, in small batches")
+    rr.add_argument("--dry-run", action="store_true", help="only count")
+    rr.add_argument("--older-than", help="override OUTBOX_RETENTION (e.g. 24h, 7d)")
+    rr.add_argument("--batch-size", type=int, help="rows per DELETE (OUTBOX_RETENTION_BATCH)")
+
+    rp = sub.add_parser(
+        "replay", help="publish sent messages again (same idempotency keys, outbox-replay header)"
+    )
+    rp.add_argument("--topic", required=True)
+    rp.add_argument("--since", help="created at or after: ISO 8601 (UTC if no zone) or 2h, 1d")
+    rp.add_argument("--until", help="created before: ISO 8601 or a duration ago")
+    rp.add_argument(
+        "--ids", action="append", help="outbox ids, comma-separated (repeatable)", default=[]
+    )
+    rp.add_argument("--dry-run", action="store_true", help="only count")
+    rp.add_argument("--batch-size", type=int, default=5000, help="rows re-queued per statement")
     return p
 
 
@@ -85,17 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
-        logging.basicConfig(
-            level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        from .logs import setup_logging
+
+        setup_logging(settings.log_level, settings.log_format)
         logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
         handler = {
             "migrate": _migrate,
             "run": _run,
             "status": _status,
             "dead-letters": _dead_letters,
+            "retention": _retention,
+            "replay": _replay,
         }[args.command]
         return handler(args, settings)
     except OutboxError as exc:
@@ -240,27 +279,141 @@ def _store(settings: Settings) -> Any:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from .guard import guard_problems, schema_problems
+    from .migrations import HEAD
+    from .schema import SCHEMA_REVISION
+
     store = _store(settings)
     with _connect(settings) as conn:
-        meta = store.check_schema(conn)
+        meta = store.read_meta(conn)  # a schema behind is reported, not refused
+        _revision, schema_issues = schema_problems(store, conn)
         status = store.status(conn)
+        status.update(store.ops_status(conn))
+        oldest = status.get("oldest_pending_s")
+        problems = guard_problems(
+            store,
+            conn,
+            settings,
+            oldest_pending_s=float(oldest) if oldest is not None else None,
+            dead_tuples=status["table"].get("dead_tuples"),
+        )
     status["schema_revision"] = meta.get("revision")
     status["shards_total"] = int(meta.get("shards", 0))
+    status["package_revision"] = SCHEMA_REVISION
+    status["migration_head"] = HEAD
+    status["schema_ok"] = not schema_issues
+    status["schema_problems"] = schema_issues
+    status["pending"] = sum(int(t["pending"]) for t in status["topics"])
+    status["retention_s"] = settings.retention
+    status["pending_slo_s"] = settings.pending_slo
+    status["warnings"] = [p.as_dict() for p in problems]
+    dead = {d["topic"]: int(d["dead"]) for d in status["dead_by_topic"]}
+    now = status["db_time"]
+    for t in status["topics"]:
+        t["oldest_age_s"] = (now - t["oldest"]).total_seconds() if now and t["oldest"] else None
+        t["dead"] = dead.pop(t["topic"], 0)
+    status["topics"] += [
+        {"topic": topic, "pending": 0, "oldest": None, "oldest_age_s": None, "dead": n}
+        for topic, n in dead.items()
+    ]
+    status["topics"].sort(key=lambda t: t["topic"])
+    del status["dead_by_topic"]
+    status = _plain(status)
     if args.json:
         print(json.dumps(status, default=str, indent=2))
         return 0
+    _print_status(settings, status)
+    return 0
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly: numbers as numbers (Decimal from extract(epoch ...)), times as ISO text."""
+    import datetime as dt
+    from decimal import Decimal
+
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    return value
+
+
+def _size(n: Any) -> str:
+    size = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"  # pragma: no cover
+
+
+def _age(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    s = float(seconds)
+    if s < 120:
+        return f"{s:.1f}s"
+    if s < 7200:
+        return f"{s / 60:.1f}m"
+    if s < 172800:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"
+
+
+def _print_status(settings: Settings, status: dict[str, Any]) -> None:
     print(
         f"outbox {settings.db_schema}.{settings.table}  revision {status['schema_revision']}  "
         f"shards {status['shards_total']}"
     )
-    oldest = status.get("oldest_pending_s")
+    if status["schema_ok"]:
+        print(f"schema        ok (package revision {status['package_revision']})")
+    else:
+        print(f"schema        PROBLEM: {'; '.join(status['schema_problems'])}")
+    slo = status["pending_slo_s"]
+    print(
+        f"pending       {status['pending']}  oldest {_age(status['oldest_pending_s'])}"
+        + (f" (SLO {_age(slo)})" if slo else "")
+    )
     print(
         f"dead letters {status['dead_letters']}  sent last minute {status['sent_last_minute']}  "
-        f"oldest pending {'-' if oldest is None else f'{float(oldest):.1f}s'}"
+        f"oldest pending {_age(status['oldest_pending_s'])}  discarded {status['discarded']}"
     )
-    print(f"{'TOPIC':<32} {'PENDING':>10}")
-    for t in status["topics"]:
-        print(f"{t['topic']:<32} {t['pending']:>10}")
+    t = status["table"]
+    vacuum = t.get("last_autovacuum") or t.get("last_vacuum") or "never"
+    print(
+        f"table         {_size(t.get('total_bytes'))}: heap {_size(t.get('heap_bytes'))}, "
+        f"indexes {_size(t.get('index_bytes'))}, toast {_size(t.get('toast_bytes'))}; "
+        f"tuples {t.get('live_tuples')} live / {t.get('dead_tuples')} dead; "
+        f"last vacuum {vacuum}"
+    )
+    retention = status["retention_s"]
+    print(f"retention     {_age(retention) if retention else 'off'} (OUTBOX_RETENTION)")
+    relays = status["relays"]
+    modes = {m: sum(1 for r in relays if r["listener"] == m) for m in ("notify", "poll")}
+    print(
+        f"relays        {len(relays)} (notify {modes['notify']}, poll {modes['poll']}); "
+        f"{status['idle_shards']} of {status['shards_total']} shards flagged idle"
+    )
+    print()
+    print(f"{'TOPIC':<32} {'PENDING':>10} {'OLDEST':>8} {'DEAD':>8}")
+    for topic in status["topics"]:
+        print(
+            f"{topic['topic']:<32} {topic['pending']:>10} {_age(topic['oldest_age_s']):>8} "
+            f"{topic['dead']:>8}"
+        )
+    print()
+    print(f"{'RELAY':<28} {'ADDRESS':<22} {'BACKEND':>8} {'WAKE-UP':<8} {'SHARDS':>6}  SINCE")
+    for r in relays:
+        addr = f"{r['client_addr'] or 'local'}:{r['client_port'] or '-'}"
+        print(
+            f"{r['name']:<28} {addr:<22} {r['backend_pid']:>8} {r['listener']:<8} "
+            f"{r['shards']:>6}  {r['backend_start']}"
+        )
+    print()
     owners: dict[str, list[int]] = {}
     for o in status["owners"]:
         who = f"{o['application_name']} pid {o['pid']}" if o["pid"] is not None else "(unowned)"
@@ -268,12 +421,18 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{'OWNER':<48} SHARDS")
     for who, shards in sorted(owners.items()):
         print(f"{who:<48} {','.join(map(str, shards))}")
-    return 0
+    if status["warnings"]:
+        print()
+        print("WARNINGS")
+        for w in status["warnings"]:
+            print(f"  {w['check']}: {w['message']}")
 
 
 # ---------------------------------------------------------------------- dead letters
 def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     store = _store(settings)
+    if args.action in ("show", "discard", "discarded", "restore"):
+        return _dead_letters_ops(args, settings, store)
     with _connect(settings) as conn:
         store.check_schema(conn)
         if args.action == "list":
@@ -291,8 +450,245 @@ def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
         if not (args.ids or args.topic or args.all):
             raise ConfigError("dead-letters retry needs --id, --topic or --all")
         ids = store.retry_dead(conn, args.ids, args.topic)
+        if ids:
+            store.notify(conn, settings.channel, "")  # wake idle relays: an UPDATE fires no trigger
+            _audit("retry", ids, args)
         print(f"re-queued {len(ids)} dead letter(s)")
         return 0
+
+
+# ---------------------------------------------------------------------- operations
+def _actor() -> str:
+    """Who runs the command, for the audit trail: ``user@host``."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _audit(action: str, ids: Sequence[int], args: argparse.Namespace, **extra: Any) -> None:
+    """One structured log line per operator action (ids range and count, never payloads)."""
+    log.info(
+        "%s: %d row(s) by %s",
+        action,
+        len(ids),
+        _actor(),
+        extra={
+            "action": action,
+            "actor": _actor(),
+            "reason": getattr(args, "reason", None),
+            "rows": len(ids),
+            "first_id": min(ids) if ids else None,
+            "last_id": max(ids) if ids else None,
+            **extra,
+        },
+    )
+
+
+def _progress(label: str, done: int, total: int, final: bool = False) -> None:
+    """A progress line on a TTY (stderr), nothing otherwise."""
+    if not sys.stderr.isatty():
+        return
+    pct = 100.0 * done / total if total else 100.0
+    sys.stderr.write(f"\r{label} {done}/{total} ({pct:.0f}%)" + ("\n" if final else ""))
+    sys.stderr.flush()
+
+
+def _state(row: dict[str, Any]) -> str:
+    if row["dead_at"] is not None:
+        return "discarded" if row["sent_at"] is not None else "dead letter"
+    return "sent" if row["sent_at"] is not None else "pending"
+
+
+def _dead_letters_ops(args: argparse.Namespace, settings: Settings, store: Any) -> int:
+    with _connect(settings) as conn:
+        store.read_meta(conn)
+        if args.action == "show":
+            row = store.show_row(conn, args.row_id)
+            if row is None:
+                raise OutboxError(f"no outbox row with id {args.row_id} (deleted by retention?)")
+            row["state"] = _state(row)
+            payload = bytes(row.pop("payload"))
+            if args.payload:
+                row["payload"] = payload.decode("utf-8", errors="replace")
+            if args.json:
+                print(json.dumps(_plain(row), default=str, indent=2))
+                return 0
+            for name, value in row.items():
+                print(f"{name:<16} {value}")
+            if not args.payload:
+                print(f"{'payload':<16} ({row['payload_bytes']} bytes; --payload prints it)")
+            return 0
+        if args.action == "discarded":
+            rows = store.discarded(conn, args.topic, args.limit)
+            if args.json:
+                print(json.dumps(_plain(rows), default=str, indent=2))
+                return 0
+            print(f"{'ID':>10} {'TOPIC':<24} {'DISCARDED AT':<33} DISCARD")
+            for r in rows:
+                print(f"{r['id']:>10} {r['topic']:<24} {r['discarded_at']!s:<33} {r['discard']}")
+            return 0
+        if not (args.ids or args.topic or getattr(args, "all", False)):
+            raise ConfigError(
+                f"dead-letters {args.action} needs --id or --topic"
+                + (" (or --all)" if args.action == "discard" else "")
+            )
+        if args.action == "restore":
+            ids = store.restore_discarded(conn, args.ids, args.topic)
+            if ids:
+                _audit("restore", ids, args)
+            print(f"restored {len(ids)} discarded row(s) as dead letters")
+            return _missing(args.ids, ids, "not discarded")
+        if args.dry_run:
+            print(f"would discard {store.dead_count(conn, args.ids, args.topic)} dead letter(s)")
+            return 0
+        ids = store.discard_dead(
+            conn,
+            args.ids,
+            args.topic,
+            actor=_actor(),
+            reason=args.reason,
+            batch=settings.retention_batch,
+        )
+        if ids:
+            _audit("discard", ids, args, topic=args.topic)
+        print(f"discarded {len(ids)} dead letter(s)")
+        return _missing(args.ids, ids, "not dead letters")
+
+
+def _missing(wanted: Sequence[int] | None, done: Sequence[int], what: str) -> int:
+    missing = sorted(set(wanted or ()) - set(done))
+    if missing:
+        print(f"outbox-relay: {what}: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _retention(args: argparse.Namespace, settings: Settings) -> int:
+    from .retention import Retention, RetentionRun
+    from .settings import parse_duration
+
+    try:
+        older = parse_duration(args.older_than) if args.older_than else settings.retention
+    except ValueError as exc:
+        raise ConfigError(f"invalid --older-than: {exc}") from None
+    if older <= 0:
+        raise ConfigError("retention is off (OUTBOX_RETENTION=0): pass --older-than to run once")
+    store = _store(settings)
+    retention = Retention(store, older, args.batch_size or settings.retention_batch)
+    with _connect(settings) as conn:
+        store.read_meta(conn)
+        if args.dry_run:
+            cutoff, found = retention.count(conn)
+            ids = f" (ids {found['first_id']}..{found['last_id']})" if found["rows"] else ""
+            print(f"would delete {found['rows']} sent row(s) older than {cutoff.isoformat()}{ids}")
+            return 0
+        if not store.try_retention_lock(conn):
+            holder = store.retention_lock_holder(conn)
+            who = (
+                f" (backend pid {holder['pid']}, {holder['application_name']!r})" if holder else ""
+            )
+            raise OutboxError(f"another retention run holds the retention lock{who}; try later")
+        try:
+            total = int(store.table_stats(conn).get("live_tuples") or 0)
+
+            def progress(run: RetentionRun) -> None:
+                _progress("retention: scanned", run.scanned, max(total, run.scanned))
+
+            run = retention.run(conn, progress=progress)
+            _progress("retention: scanned", run.scanned, max(total, run.scanned), final=True)
+        finally:
+            store.retention_unlock(conn)
+    summary = run.summary()
+    print(
+        f"deleted {run.deleted} sent row(s) older than {summary['cutoff']} in {run.batches} "
+        f"batch(es) of up to {retention.batch}, {summary['seconds']:.2f}s "
+        f"(longest statement {run.max_batch_seconds * 1000:.0f} ms)"
+    )
+    return 0
+
+
+def _when(text: str | None, what: str) -> Any:
+    """``--since``/``--until``: ISO 8601 (UTC when it has no zone) or a duration ago (2h, 1d)."""
+    import datetime as dt
+
+    from .settings import parse_duration
+
+    if text is None:
+        return None
+    try:
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"invalid {what} {text!r}: expected ISO 8601 (2026-11-25T10:00:00Z) or 2h, 1d"
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from .replay import ReplayProgress, Selection, count, replay
+
+    try:
+        ids = [int(i) for part in args.ids for i in part.split(",") if i.strip()]
+    except ValueError:
+        raise ConfigError("invalid --ids: expected comma-separated outbox ids") from None
+    since, until = _when(args.since, "--since"), _when(args.until, "--until")
+    if bool(ids) == (since is not None or until is not None):
+        raise ConfigError("replay needs either --ids or --since [--until]")
+    if until is not None and since is None:
+        raise ConfigError("replay --until needs --since")
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    sel = Selection(args.topic, ids or None, since, until)
+    store = _store(settings)
+    with _connect(settings) as conn:
+        store.check_schema(conn)
+        if args.dry_run:
+            found = count(store, conn, sel)
+        else:
+
+            def progress(p: ReplayProgress) -> None:
+                _progress("replay: re-queued", p.replayed, p.total)
+
+            found = replay(
+                store, conn, sel, channel=settings.channel, batch=args.batch_size, progress=progress
+            )
+            if found.replayed:
+                _progress("replay: re-queued", found.replayed, found.sent, final=True)
+    left = []
+    if found.pending:
+        left.append(f"{found.pending} still pending")
+    if found.dead:
+        left.append(f"{found.dead} dead letter(s)")
+    note = f"; left alone: {', '.join(left)}" if left else ""
+    span = f" (ids {found.first_id}..{found.last_id})" if found.sent else ""
+    if args.dry_run:
+        print(f"would replay {found.sent} sent message(s) of {args.topic}{span}{note}")
+        return 0
+    if found.replayed:
+        _audit(
+            "replay",
+            [found.first_id or 0, found.last_id or 0],
+            args,
+            topic=args.topic,
+            replayed=found.replayed,
+            marker=found.marker,
+        )
+    print(
+        f"replaying {found.replayed} message(s) of {args.topic}{span}: re-queued with header "
+        f"outbox-replay={found.marker}; the relay publishes them{note}"
+    )
+    if ids:
+        return 1 if found.replayed < len(set(ids)) else 0
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ARRAY, Connection, Insert, LargeBinary, Text, bindparam, cast, func, select
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Connection,
+    Insert,
+    LargeBinary,
+    Text,
+    bindparam,
+    cast,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError, ProgrammingError
@@ -124,27 +135,34 @@ def build_insert(messages: Sequence[Message]) -> tuple[Insert, list[str]]:
     if len(set(keys)) != len(keys):
         raise InvalidMessage("the same idempotency_key appears twice in one enqueue_many call")
     table = tables_for(settings.db_schema, settings.table).outbox
-    # One statement with six array parameters, whatever the number of rows: no bind-parameter
-    # limit, one parse, one round trip. Rows keep their order (and so their ids) via ORDINALITY.
+    # One statement with an array parameter per column, whatever the number of rows: no
+    # bind-parameter limit, one parse, one round trip. Rows keep their order (and so their ids)
+    # via ORDINALITY.
+    arrays: dict[str, tuple[list[Any], Any]] = {
+        "idempotency_key": (keys, ARRAY(Text)),
+        "topic": ([r["topic"] for r in rows], ARRAY(Text)),
+        "key": ([r["key"] for r in rows], ARRAY(Text)),
+        "payload": ([r["payload"] for r in rows], ARRAY(LargeBinary)),
+        "content_type": ([r["content_type"] for r in rows], ARRAY(Text)),
+        "headers": ([json.dumps(r["headers"]) for r in rows], ARRAY(Text)),
+    }
+    if settings.sequence_topics:
+        # seq = 0 asks the commit-time trigger for the key's next sequence number
+        seqs = [
+            0 if r["key"] is not None and settings.sequenced(r["topic"]) else None for r in rows
+        ]
+        if any(v is not None for v in seqs):
+            arrays["seq"] = (seqs, ARRAY(BigInteger))
+    names = list(arrays)
     src = (
-        func.unnest(
-            bindparam("ik", keys, type_=ARRAY(Text)),
-            bindparam("topic", [r["topic"] for r in rows], type_=ARRAY(Text)),
-            bindparam("key", [r["key"] for r in rows], type_=ARRAY(Text)),
-            bindparam("payload", [r["payload"] for r in rows], type_=ARRAY(LargeBinary)),
-            bindparam("ctype", [r["content_type"] for r in rows], type_=ARRAY(Text)),
-            bindparam("headers", [json.dumps(r["headers"]) for r in rows], type_=ARRAY(Text)),
-        )
-        .table_valued("ik", "topic", "key", "payload", "ctype", "headers", with_ordinality="n")
+        func.unnest(*(bindparam(f"p_{n}", v, type_=t) for n, (v, t) in arrays.items()))
+        .table_valued(*names, with_ordinality="n")
         .render_derived()
     )
-    query = select(
-        src.c.ik, src.c.topic, src.c.key, src.c.payload, src.c.ctype, cast(src.c.headers, JSONB)
-    ).order_by(src.c.n)
-    cols = ["idempotency_key", "topic", "key", "payload", "content_type", "headers"]
+    cols = [cast(src.c.headers, JSONB) if n == "headers" else src.c[n] for n in names]
     stmt = (
         pg_insert(table)
-        .from_select(cols, query)
+        .from_select(names, select(*cols).order_by(src.c.n))
         .on_conflict_do_nothing(index_elements=[table.c.idempotency_key])
         .returning(table.c.id, table.c.idempotency_key)
     )

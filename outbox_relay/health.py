@@ -28,6 +28,12 @@ class RelayState:
     owned: tuple[int, ...] = ()
     #: the sink's own view (e.g. per webhook endpoint: open circuit, disabled by 410)
     sink_detail: Callable[[], object] | None = None
+    #: why ``schema`` is False (revision behind or ahead, drift of indexes/trigger/columns)
+    schema_detail: str | None = None
+    #: the Postgres-health guard's current problems (reported; they do not fail readiness)
+    warnings: list[dict[str, object]] = field(default_factory=list)
+    #: maintenance facts: gauges refresh, last retention run
+    maintenance: dict[str, object] = field(default_factory=dict)
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -37,6 +43,21 @@ class RelayState:
 
     def ready(self) -> bool:
         return self.alive() and self.database and self.schema and self.sink
+
+    def not_ready(self) -> list[str]:
+        """Why ``ready()`` is False, one phrase per reason (empty when ready)."""
+        reasons = []
+        if self.fatal is not None:
+            reasons.append(f"fatal: {self.fatal}")
+        elif not self.alive():
+            reasons.append("drain loop stuck")
+        if not self.database:
+            reasons.append("database unreachable")
+        if not self.schema:
+            reasons.append(f"schema: {self.schema_detail or 'not checked yet'}")
+        if not self.sink:
+            reasons.append("sink unavailable")
+        return reasons
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -50,6 +71,10 @@ class RelayState:
             "shards": list(self.owned),
             "seconds_since_tick": round(time.monotonic() - self.last_tick, 3),
             "sink_detail": self.sink_detail() if self.sink_detail is not None else None,
+            "not_ready": self.not_ready(),
+            "schema_detail": self.schema_detail,
+            "warnings": list(self.warnings),
+            "maintenance": dict(self.maintenance),
         }
 
 

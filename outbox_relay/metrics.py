@@ -65,3 +65,76 @@ POLLS_WITH_WORK = Counter(
     "Timer wake-ups (no NOTIFY) that found rows",
     registry=REGISTRY,
 )
+
+# -- operations (docs/operations.md): refreshed by the relay's maintenance tick (guard.py)
+LISTENER_RECONNECTS = Counter(
+    "outbox_listener_reconnects",
+    "LISTEN connection re-opened after a failure (deaf heartbeat or lost connection)",
+    registry=REGISTRY,
+)
+PENDING = Gauge(
+    "outbox_pending",
+    "Pending rows (not sent, not dead) in the shards this relay owns; sum over relays",
+    ["topic"],
+    registry=REGISTRY,
+)
+DEAD_LETTERS = Gauge(
+    "outbox_dead_letters",
+    "Dead letters in the shards this relay owns; sum over relays",
+    ["topic"],
+    registry=REGISTRY,
+)
+OLDEST_PENDING = Gauge(
+    "outbox_oldest_pending_age_seconds",
+    "Age of the oldest pending row in the shards this relay owns (0 when none); max over relays",
+    registry=REGISTRY,
+)
+GAUGES_REFRESHED = Gauge(
+    "outbox_gauges_refreshed_timestamp_seconds",
+    "When the pending/dead-letter gauges were last refreshed (unix time)",
+    registry=REGISTRY,
+)
+RETENTION_DELETED = Counter(
+    "outbox_retention_deleted",
+    "Sent rows deleted by retention",
+    registry=REGISTRY,
+)
+RETENTION_BATCH_SECONDS = Histogram(
+    "outbox_retention_batch_duration_seconds",
+    "Duration of one retention DELETE statement (its lock time)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+RETENTION_LAST_RUN = Gauge(
+    "outbox_retention_last_run_timestamp_seconds",
+    "When this relay last finished a retention run (unix time)",
+    registry=REGISTRY,
+)
+SCHEMA_OK = Gauge(
+    "outbox_schema_ok",
+    "1 when the outbox is at the package's revision and its indexes/trigger are as expected",
+    registry=REGISTRY,
+)
+GUARD_PROBLEM = Gauge(
+    "outbox_guard_problem",
+    "1 while the Postgres-health guard sees the problem (xmin_horizon, prepared_xact, "
+    "replication_slot, dead_tuples, pending_slo)",
+    ["check"],
+    registry=REGISTRY,
+)
+XMIN_HORIZON_AGE = Gauge(
+    "outbox_xmin_horizon_age_seconds",
+    "Age of the oldest transaction in this database holding back the xmin horizon",
+    registry=REGISTRY,
+)
+TABLE_DEAD_TUPLES = Gauge(
+    "outbox_table_dead_tuples",
+    "Dead tuples of the outbox table (pg_stat_user_tables)",
+    registry=REGISTRY,
+)
+TABLE_BYTES = Gauge(
+    "outbox_table_bytes",
+    "Size of the outbox table by part (heap, indexes, toast)",
+    ["part"],
+    registry=REGISTRY,
+)

@@ -27,6 +27,7 @@ from tenacity.stop import stop_base
 
 from . import metrics
 from .errors import DatabaseUnavailable, FatalSinkError, OutboxError, ProxyDetected
+from .guard import Maintenance
 from .health import RelayState
 from .listener import Listener, Sleeper, Waiter
 from .settings import Settings, redact, relay_conninfo
@@ -79,6 +80,7 @@ class Relay:
         self._waiter: Waiter | None = None
         self._next_rebalance = 0.0
         self._idle = False
+        self.maintenance = Maintenance(settings, self.store, self.state)  # ops: guard.py
 
     # ------------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
@@ -94,6 +96,8 @@ class Relay:
                 except _CONNECTION_ERRORS as exc:
                     log.warning("database connection lost (%s); reconnecting", _one_line(exc))
                     metrics.RECONNECTS.inc()
+                    if isinstance(self._waiter, Listener):
+                        metrics.LISTENER_RECONNECTS.inc()
                     self._drop_connections()
                     self._reconnect()
         except FatalSinkError as exc:
@@ -214,6 +218,7 @@ class Relay:
         while not self.stopping:
             self.state.tick()
             self._maintain_leases()
+            self._maintenance_tick()
             if not self.epochs:
                 self._wait(self._until_rebalance())
                 continue
@@ -333,6 +338,7 @@ class Relay:
         rows = self.store.fetch(self._work, shards, blocked, per_shard)
         if not rows:
             return 0
+        rows = self._in_sequence(rows)
         held = self._verify_leases()  # confirm the lease right before publishing
         epochs = {sh: e for sh, e in self.epochs.items() if sh in held}
         rows = [r for r in rows if r.shard in epochs]
@@ -345,9 +351,36 @@ class Relay:
             self.state.sink = False
             raise
         self._record(rows, outcomes, epochs)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_batch(rows, outcomes, started)
         metrics.BATCH_SIZE.observe(len(rows))
         metrics.BATCH_SECONDS.observe(time.monotonic() - started)
         return len(rows)
+
+    def _in_sequence(self, rows: list[OutboxRow]) -> list[OutboxRow]:
+        """Keep each sequenced key's rows only in a contiguous run from its lowest pending
+        sequence number, in sequence order; the rest wait for a later round. (Rows arrive in
+        id order, which can differ from the commit order the sequence follows.)"""
+        sequenced: dict[tuple[str, str], list[OutboxRow]] = {}
+        plain = []
+        for r in rows:
+            if r.seq is None or r.key is None:
+                plain.append(r)
+            else:
+                sequenced.setdefault((r.topic, r.key), []).append(r)
+        if not sequenced:
+            return rows
+        assert self._work is not None
+        lowest = self.store.lowest_pending_seq(self._work, sorted(sequenced))
+        for k, group in sequenced.items():
+            group.sort(key=lambda r: r.seq or 0)
+            expect = lowest.get(k)
+            for r in group:
+                if r.seq != expect or expect is None:
+                    break
+                plain.append(r)
+                expect += 1
+        return plain
 
     def _record(
         self, rows: Sequence[OutboxRow], outcomes: Sequence[Outcome], epochs: dict[int, int]
@@ -412,6 +445,39 @@ class Relay:
                         f.delay,
                         f.error,
                     )
+
+    # ------------------------------------------------------------------ operations (guard.py)
+    def _maintenance_tick(self) -> None:
+        """Gauges, schema drift and Postgres-health checks, a retention slice; each rate-limited
+        inside :class:`~outbox_relay.guard.Maintenance`, so this is cheap to call every round."""
+        assert self._work is not None
+        self.maintenance.tick(self._work, sorted(self.epochs))
+
+    def _log_batch(
+        self, rows: Sequence[OutboxRow], outcomes: Sequence[Outcome], started: float
+    ) -> None:
+        """One debug line per batch: shards, id range, counts (never payloads)."""
+        delivered = sum(1 for o in outcomes if o.delivered)
+        failed = sum(1 for o in outcomes if o.failed)
+        first, last = min(r.id for r in rows), max(r.id for r in rows)
+        log.debug(
+            "batch of %d rows (ids %d..%d): %d delivered, %d failed, %d not attempted",
+            len(rows),
+            first,
+            last,
+            delivered,
+            failed,
+            len(rows) - delivered - failed,
+            extra={
+                "shards": sorted({r.shard for r in rows}),
+                "first_id": first,
+                "last_id": last,
+                "rows": len(rows),
+                "delivered": delivered,
+                "failed": failed,
+                "ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
 
 
 def _one_line(exc: BaseException | None) -> str:

@@ -76,8 +76,11 @@ class Route:
 
     def describe(self) -> str:
         target = (
-            f"webhook {self.webhook!r}" if self.webhook is not None
-            else f"Kafka topic {self.kafka_topic!r}" if self.kafka_topic else "Kafka"
+            f"webhook {self.webhook!r}"
+            if self.webhook is not None
+            else f"Kafka topic {self.kafka_topic!r}"
+            if self.kafka_topic
+            else "Kafka"
         )
         return f"route #{self.number} ({', '.join(self.patterns)} -> {target})"
 
@@ -162,8 +165,9 @@ def _strings(value: object, what: str, fail: Any) -> list[str]:
     return list(items)
 
 
-def _route(n: int, spec: dict[str, Any], webhooks: Mapping[str, EndpointConfig], where: str
-           ) -> Route:
+def _route(
+    n: int, spec: dict[str, Any], webhooks: Mapping[str, EndpointConfig], where: str
+) -> Route:
     def fail(msg: str) -> ConfigError:
         return ConfigError(f"{where}: route #{n}: {msg}")
 

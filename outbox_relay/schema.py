@@ -36,7 +36,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.schema import CreateIndex, CreateTable, DDLElement
 
 #: Revision identifier the migrations write into ``<table>_meta`` at head.
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
+#: Schema versions: 1 = the outbox and its companions; 2 = per-key sequences in commit order
+#: (``seq`` column, ``<table>_keyseq`` counters, deferred sequencing trigger).
+LATEST = 2
 
 #: Storage parameters of the outbox: room for in-page updates when rows are marked sent, and
 #: autovacuum tuned for a table whose rows are all short-lived.
@@ -69,6 +72,7 @@ class OutboxTables:
     shards: Table
     wakeup: Table
     meta: Table
+    keyseq: Table | None = None
 
     @property
     def schema(self) -> str:
@@ -76,19 +80,31 @@ class OutboxTables:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in (self.outbox, self.shards, self.wakeup, self.meta))
+        tables = (self.outbox, self.shards, self.wakeup, self.meta, self.keyseq)
+        return tuple(t.name for t in tables if t is not None)
 
     @property
     def notify_function(self) -> str:
         return f"{self.outbox.name}_notify"
 
+    @property
+    def sequence_function(self) -> str:
+        return f"{self.outbox.name}_assign_seq"
+
     def qualified(self, name: str) -> str:
         return f'"{self.schema}"."{name}"'
 
 
-def build_tables(schema: str = "public", table: str = "outbox", shards: int = 16) -> OutboxTables:
-    """Build fresh Table objects (own MetaData) for ``schema.table``."""
+def build_tables(
+    schema: str = "public", table: str = "outbox", shards: int = 16, version: int = LATEST
+) -> OutboxTables:
+    """Build fresh Table objects (own MetaData) for ``schema.table`` as of schema ``version``.
+
+    Revisions build the version they create (revision 0001 builds version 1), so an old
+    revision keeps producing the same DDL after later versions add columns.
+    """
     md = MetaData(schema=schema)
+    later = [Column("seq", BigInteger, nullable=True)] if version >= 2 else []
     outbox = Table(
         table,
         md,
@@ -106,6 +122,7 @@ def build_tables(schema: str = "public", table: str = "outbox", shards: int = 16
         Column("last_error", Text, nullable=True),
         Column("sent_at", DateTime(timezone=True), nullable=True),
         Column("dead_at", DateTime(timezone=True), nullable=True),
+        *later,
         postgresql_with=OUTBOX_STORAGE,
     )
     Index(
@@ -144,7 +161,25 @@ def build_tables(schema: str = "public", table: str = "outbox", shards: int = 16
         Column("name", Text, primary_key=True),
         Column("value", Text, nullable=False),
     )
-    return OutboxTables(md, outbox, shard_table, wakeup, meta)
+    keyseq = None
+    if version >= 2:
+        # rows waiting for their sequence: only ever the rows of in-flight transactions
+        Index(f"{table}_unsequenced_idx", outbox.c.id, postgresql_where=text("seq = 0"))
+        Index(
+            f"{table}_seq_pending_idx",
+            outbox.c.topic,
+            outbox.c.key,
+            outbox.c.seq,
+            postgresql_where=text("sent_at IS NULL AND dead_at IS NULL AND seq > 0"),
+        )
+        keyseq = Table(
+            f"{table}_keyseq",
+            md,
+            Column("topic", Text, primary_key=True),
+            Column("key", Text, primary_key=True),
+            Column("last_seq", BigInteger, nullable=False),
+        )
+    return OutboxTables(md, outbox, shard_table, wakeup, meta, keyseq)
 
 
 @lru_cache(maxsize=16)
@@ -153,8 +188,10 @@ def tables_for(schema: str, table: str) -> OutboxTables:
     return build_tables(schema, table)
 
 
-def create_statements(tables: OutboxTables, channel: str, shards: int) -> list[str]:
-    """Every DDL statement that creates the outbox at ``SCHEMA_REVISION``, in order."""
+def create_statements(
+    tables: OutboxTables, channel: str, shards: int, revision: str = "0001"
+) -> list[str]:
+    """Every DDL statement that creates the outbox as ``tables`` describe it, in order."""
     dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
 
     def compile_ddl(element: DDLElement) -> str:
@@ -191,9 +228,66 @@ def create_statements(tables: OutboxTables, channel: str, shards: int) -> list[s
     meta = tables.qualified(tables.meta.name)
     stmts.append(
         f"INSERT INTO {meta} (name, value) VALUES ('shards', '{int(shards)}'), "
-        f"('revision', '{SCHEMA_REVISION}'), ('channel', '{quoted_channel}')"
+        f"('revision', '{revision}'), ('channel', '{quoted_channel}')"
     )
     return stmts
+
+
+def sequence_statements(tables: OutboxTables) -> list[str]:
+    """DDL of version 2: per-key sequence numbers assigned at commit, in commit order.
+
+    ``enqueue`` writes ``seq = 0`` for topics that opted in. A deferred constraint trigger fires
+    at commit; its first firing in a transaction numbers *all* of that transaction's ``seq = 0``
+    rows, sorted by (topic, key, id), from one counter row per (topic, key). Counters are thus
+    locked in a fixed order and only at the very end of the transaction, after every business
+    lock it took: no deadlock with those locks, and a second transaction on the same key waits
+    for the first to commit, so sequence order is commit order. The later firings find their row
+    numbered and return.
+    """
+    assert tables.keyseq is not None
+    q = tables.qualified
+    t, ks, fn = q(tables.outbox.name), q(tables.keyseq.name), q(tables.sequence_function)
+    return [
+        f"ALTER TABLE {t} ADD COLUMN seq BIGINT",
+        f'CREATE INDEX "{tables.outbox.name}_unsequenced_idx" ON {t} (id) WHERE seq = 0',
+        f'CREATE INDEX "{tables.outbox.name}_seq_pending_idx" ON {t} (topic, key, seq)'
+        " WHERE sent_at IS NULL AND dead_at IS NULL AND seq > 0",
+        f"CREATE TABLE {ks} (topic TEXT NOT NULL, key TEXT NOT NULL, last_seq BIGINT NOT NULL,"
+        f' CONSTRAINT "{tables.keyseq.name}_pkey" PRIMARY KEY (topic, key))',
+        f"CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $fn$\n"
+        f"DECLARE r record; n bigint;\n"
+        f"BEGIN\n"
+        f"  IF NOT EXISTS (SELECT 1 FROM {t} WHERE id = NEW.id AND seq = 0) THEN\n"
+        f"    RETURN NULL;\n"
+        f"  END IF;\n"
+        f"  FOR r IN SELECT id, topic, key FROM {t} WHERE seq = 0\n"
+        f"           ORDER BY topic, key, id LOOP\n"
+        f"    INSERT INTO {ks} AS c (topic, key, last_seq) VALUES (r.topic, r.key, 1)\n"
+        f"      ON CONFLICT (topic, key) DO UPDATE SET last_seq = c.last_seq + 1\n"
+        f"      RETURNING last_seq INTO n;\n"
+        f"    UPDATE {t} SET seq = n WHERE id = r.id;\n"
+        f"  END LOOP;\n"
+        f"  RETURN NULL;\n"
+        f"END\n$fn$",
+        f'CREATE CONSTRAINT TRIGGER "{tables.sequence_function}" AFTER INSERT ON {t}'
+        f" DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.seq = 0)"
+        f" EXECUTE FUNCTION {fn}()",
+        f"UPDATE {q(tables.meta.name)} SET value = '0002' WHERE name = 'revision'",
+    ]
+
+
+def unsequence_statements(tables: OutboxTables) -> list[str]:
+    """Undo :func:`sequence_statements`."""
+    assert tables.keyseq is not None
+    q = tables.qualified
+    return [
+        f'DROP TRIGGER IF EXISTS "{tables.sequence_function}" ON {q(tables.outbox.name)}',
+        f"DROP FUNCTION IF EXISTS {q(tables.sequence_function)}()",
+        f"DROP TABLE IF EXISTS {q(tables.keyseq.name)}",
+        f"DROP INDEX IF EXISTS {q(tables.outbox.name + '_unsequenced_idx')}",
+        f"ALTER TABLE {q(tables.outbox.name)} DROP COLUMN IF EXISTS seq",
+        f"UPDATE {q(tables.meta.name)} SET value = '0001' WHERE name = 'revision'",
+    ]
 
 
 def drop_statements(tables: OutboxTables) -> list[str]:

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
 
     # -- producer side
     max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
+    #: topics (comma-separated glob patterns, ``*`` for all) whose keyed messages get a per-key
+    #: sequence number in commit order (header ``outbox-seq``); needs schema revision 0002
+    sequence_topics: str = ""
 
     # -- relay
     sink: Literal["kafka", "webhook"] = "kafka"
@@ -81,12 +84,48 @@ class Settings(BaseSettings):
     webhook_breaker_cooldown: float = Field(default=30.0, gt=0)
     routes_file: Path | None = None
 
+    # -- operations (docs/operations.md); durations take 90, 90s, 15m, 24h or 7d
+    #: log lines as JSON (``json``), readable (``text``), or JSON unless stderr is a TTY (``auto``)
+    log_format: Literal["auto", "json", "text"] = "auto"
+    #: sent rows older than this are deleted in small batches; 0 keeps them forever
+    retention: float = Field(default=86_400.0, ge=0)
+    #: rows per retention DELETE statement (each statement is its own short transaction)
+    retention_batch: int = Field(default=5000, ge=1, le=100_000)
+    #: seconds between retention runs in the relay (one relay at a time, by advisory lock)
+    retention_interval: float = Field(default=60.0, gt=0)
+    #: seconds between refreshes of the pending / dead-letter / oldest-pending gauges (at least;
+    #: the relay backs off further when the count query is slow)
+    gauge_interval: float = Field(default=5.0, gt=0)
+    #: seconds between the schema/drift check and the Postgres-health guard's checks
+    guard_interval: float = Field(default=30.0, gt=0)
+    #: warn when a transaction (or prepared transaction) holding back the xmin horizon is older
+    guard_xact_age: float = Field(default=300.0, gt=0)
+    #: warn when a replication slot's xmin is older than this many transactions (or inactive)
+    guard_slot_xmin_age: int = Field(default=10_000_000, ge=1)
+    #: warn when the outbox table has more dead tuples than this
+    guard_dead_tuples: int = Field(default=1_000_000, ge=1)
+    #: warn when the oldest pending message is older than this; 0 disables
+    pending_slo: float = Field(default=300.0, ge=0)
+
     @field_validator("db_schema", "table")
     @classmethod
     def _identifier(cls, value: str) -> str:
         if not _IDENT.match(value):
             raise ValueError("must be a plain SQL identifier (letters, digits, _; max 41 chars)")
         return value
+
+    @field_validator(
+        "retention",
+        "retention_interval",
+        "gauge_interval",
+        "guard_interval",
+        "guard_xact_age",
+        "pending_slo",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -98,6 +137,13 @@ class Settings(BaseSettings):
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"expected host:port[,host:port...], got {value!r}")
         return value
+
+    def sequenced(self, topic: str) -> bool:
+        """Whether messages of ``topic`` get a per-key sequence (``OUTBOX_SEQUENCE_TOPICS``)."""
+        from fnmatch import fnmatchcase
+
+        patterns = [p.strip() for p in self.sequence_topics.split(",") if p.strip()]
+        return any(fnmatchcase(topic, p) for p in patterns)
 
     # -- derived names
     @property
@@ -116,6 +162,18 @@ class Settings(BaseSettings):
         if not self.database_url:
             raise ConfigError("OUTBOX_DATABASE_URL is not set (e.g. postgresql://user:pw@host/db)")
         return self.database_url
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: ``90``, ``90s``, ``15m``, ``24h``, ``7d``, ``250ms`` (``0`` = off)."""
+    match = _DURATION.match(text.lower())
+    if not match:
+        raise ValueError(f"expected a duration such as 90s, 15m, 24h or 7d, got {text!r}")
+    return float(match.group(1)) * _UNIT[match.group(2) or "s"]
 
 
 def _setting_name(loc: tuple[int | str, ...]) -> str:

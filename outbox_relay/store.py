@@ -20,6 +20,12 @@ from .schema import SCHEMA_REVISION
 
 #: Second advisory-lock key of the shared "relay present" lock every relay holds.
 PRESENCE_KEY = 1_000_000
+#: Second advisory-lock key of the retention lock: one retention run at a time per outbox.
+RETENTION_KEY = 1_000_001
+#: Header a replay adds to the rows it re-queues (value: when and by whom).
+REPLAY_HEADER = "outbox-replay"
+#: Header a discard adds to the dead letter it keeps as its audit record (JSON: at, by, reason).
+DISCARD_HEADER = "outbox-discarded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +40,8 @@ class OutboxRow:
     shard: int
     attempts: int
     created_at: dt.datetime
+    #: per-key sequence in commit order (topics in OUTBOX_SEQUENCE_TOPICS), else None
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +77,7 @@ class Store:
 
         cols = (
             "o.id, o.idempotency_key, o.topic, o.key, o.payload, o.content_type, o.headers, "
-            "o.shard, o.attempts, o.created_at"
+            "o.shard, o.attempts, o.created_at, o.seq"
         )
         q("meta", "SELECT name, value FROM {meta}")
         # Keys that must wait: an earlier row of theirs is in backoff, or (strict) dead.
@@ -89,6 +97,14 @@ class Store:
             "   AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= now())"
             "   AND (p.key IS NULL OR p.key <> ALL(%(blocked)s::text[]))"
             "   ORDER BY p.id LIMIT %(limit)s) AS o ORDER BY o.id",
+        )
+        # The lowest pending sequence number of each given (topic, key): a key's sequenced rows
+        # are published only in a contiguous run starting there.
+        q(
+            "lowest_pending_seq",
+            "SELECT k.topic, k.key, (SELECT min(o.seq) FROM {t} o WHERE o.topic = k.topic"
+            "   AND o.key = k.key AND o.sent_at IS NULL AND o.dead_at IS NULL AND o.seq > 0)"
+            " FROM unnest(%(topics)s::text[], %(keys)s::text[]) AS k(topic, key)",
         )
         # Fenced: only rows of shards whose epoch is still ours. FOR SHARE waits for a concurrent
         # takeover (which updates the epoch row) and then sees the new epoch.
@@ -163,7 +179,8 @@ class Store:
             "counts",
             "SELECT (SELECT count(*) FROM {t} WHERE dead_at IS NOT NULL AND sent_at IS NULL)"
             "   AS dead_letters,"
-            " (SELECT count(*) FROM {t} WHERE sent_at > now() - interval '1 minute')"
+            " (SELECT count(*) FROM {t} WHERE sent_at > now() - interval '1 minute'"
+            "   AND dead_at IS NULL)"
             "   AS sent_last_minute,"
             " (SELECT extract(epoch FROM now() - min(created_at)) FROM {t}"
             "   WHERE sent_at IS NULL AND dead_at IS NULL) AS oldest_pending_s",
@@ -176,6 +193,220 @@ class Store:
             "   AND l.objid = sh.shard::oid AND l.objsubid = 2 AND l.granted"
             "   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " LEFT JOIN pg_stat_activity a ON a.pid = l.pid ORDER BY sh.shard",
+        )
+
+        # ------------------------------------------------------------ operations (ops)
+        # Gauges of the relay: its owned shards only, so the sum over relays is the whole outbox.
+        # Both walk a small partial index (pending_idx, dead_idx), never the table.
+        q(
+            "pending_gauge",
+            "SELECT topic, count(*) AS pending,"
+            " extract(epoch FROM now() - min(created_at))::float8 AS oldest_s FROM {t}"
+            " WHERE shard = ANY(%(shards)s::smallint[]) AND sent_at IS NULL AND dead_at IS NULL"
+            " GROUP BY topic",
+        )
+        q(
+            "dead_gauge",
+            "SELECT topic, count(*) AS dead FROM {t} WHERE dead_at IS NOT NULL AND sent_at IS NULL"
+            " AND shard = ANY(%(shards)s::smallint[]) GROUP BY topic",
+        )
+        q(
+            "dead_by_topic",
+            "SELECT topic, count(*) AS dead FROM {t} WHERE dead_at IS NOT NULL AND sent_at IS NULL"
+            " GROUP BY topic ORDER BY topic",
+        )
+        # A discarded dead letter keeps dead_at and gets sent_at (= when it was discarded): out
+        # of the queue, out of the dead letters, never deleted by retention (its audit record).
+        q(
+            "discarded_count",
+            "SELECT count(*) FROM {t} WHERE dead_at IS NOT NULL AND sent_at IS NOT NULL",
+        )
+        q("db_now", "SELECT now()")
+        q(
+            "idle_shards",
+            "SELECT count(*) FILTER (WHERE idle) AS idle, count(*) AS rows FROM {wakeup}",
+        )
+        # Relays present (the shared presence lock), with their connection's address, shard
+        # count, and wake-up mode (a relay in notify mode has a LISTEN connection by name).
+        q(
+            "relays",
+            "SELECT substr(a.application_name, 20) AS name, a.pid AS backend_pid,"
+            " host(a.client_addr) AS client_addr, a.client_port, a.backend_start,"
+            " (SELECT count(*) FROM pg_locks s WHERE s.pid = l.pid AND s.locktype = 'advisory'"
+            "   AND s.classid = %(ns)s::oid AND s.objsubid = 2 AND s.granted"
+            "   AND s.objid < %(presence)s::oid) AS shards,"
+            " CASE WHEN EXISTS (SELECT 1 FROM pg_stat_activity x"
+            "   WHERE x.datname = current_database()"
+            "   AND x.application_name = 'outbox-relay listen ' || substr(a.application_name, 20))"
+            "   THEN 'notify' ELSE 'poll' END AS listener"
+            " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.classid = %(ns)s::oid"
+            "   AND l.objid = %(presence)s::oid AND l.objsubid = 2 AND l.granted"
+            "   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " ORDER BY 1, 2",
+        )
+        q(
+            "table_stats",
+            "SELECT pg_total_relation_size(c.oid) AS total_bytes,"
+            " pg_relation_size(c.oid) AS heap_bytes, pg_indexes_size(c.oid) AS index_bytes,"
+            " CASE WHEN c.reltoastrelid = 0 THEN 0"
+            "   ELSE pg_total_relation_size(c.reltoastrelid) END AS toast_bytes,"
+            " s.n_live_tup AS live_tuples, s.n_dead_tup AS dead_tuples,"
+            " s.last_vacuum, s.last_autovacuum, s.autovacuum_count, s.last_autoanalyze"
+            " FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid"
+            " WHERE c.oid = to_regclass(%(rel)s)",
+        )
+        q(
+            "index_sizes",
+            "SELECT i.relname AS name, pg_relation_size(i.oid) AS bytes, x.indisvalid AS valid"
+            " FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+            " WHERE x.indrelid = to_regclass(%(rel)s) ORDER BY i.relname",
+        )
+        # What exists, for the drift check against schema.py (kind, name, usable).
+        q(
+            "schema_objects",
+            "SELECT 'table' AS kind, c.relname AS name, true AS ok FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[])"
+            " AND c.relkind IN ('r', 'p')"
+            " UNION ALL SELECT 'column', a.attname, true FROM pg_attribute a"
+            " WHERE a.attrelid = to_regclass(%(rel)s) AND a.attnum > 0 AND NOT a.attisdropped"
+            " UNION ALL SELECT 'index', i.relname, x.indisvalid AND x.indisready FROM pg_index x"
+            " JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = to_regclass(%(rel)s)"
+            " UNION ALL SELECT 'trigger', t.tgname, t.tgenabled <> 'D' FROM pg_trigger t"
+            " WHERE t.tgrelid = to_regclass(%(rel)s) AND NOT t.tgisinternal",
+        )
+        # -- Postgres-health guard: what holds back the xmin horizon (vacuum of the outbox)
+        q(
+            "horizon_age",
+            "SELECT coalesce(extract(epoch FROM now() - min(xact_start)), 0)::float8"
+            " FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+            " AND datname = current_database()"
+            " AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)",
+        )
+        q(
+            "xact_holders",
+            "SELECT pid, usename, application_name, host(client_addr) AS client_addr, state,"
+            " extract(epoch FROM now() - xact_start)::float8 AS xact_age_s,"
+            " age(backend_xmin) AS xmin_age FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND datname = current_database()"
+            " AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)"
+            " AND xact_start < now() - %(age)s * interval '1 second'"
+            " ORDER BY xact_start LIMIT 10",
+        )
+        q(
+            "prepared_holders",
+            "SELECT gid, owner, extract(epoch FROM now() - prepared)::float8 AS age_s,"
+            " age(transaction) AS xid_age FROM pg_prepared_xacts"
+            " WHERE database = current_database()"
+            " AND prepared < now() - %(age)s * interval '1 second' ORDER BY prepared LIMIT 10",
+        )
+        q(
+            "slot_holders",
+            "SELECT slot_name, slot_type, database, active, active_pid, age(xmin) AS xmin_age"
+            " FROM pg_replication_slots WHERE xmin IS NOT NULL"
+            " AND (NOT active OR age(xmin) > %(max_age)s) ORDER BY age(xmin) DESC LIMIT 10",
+        )
+        # -- retention: sent rows older than the cutoff, a window of ids at a time
+        q("retention_cutoff", "SELECT now() - %(secs)s * interval '1 second'")
+        q(
+            "retention_count",
+            "SELECT count(*) AS rows, min(id) AS first_id, max(id) AS last_id FROM {t}"
+            " WHERE sent_at < %(cutoff)s AND dead_at IS NULL",
+        )
+        # The next `limit` rows by id (any state) form the window; of those, sent rows older than
+        # the cutoff are deleted. One short transaction, at most `limit` rows locked; the primary
+        # key walk never rescans what earlier windows passed. Dead letters (and discarded ones,
+        # which keep dead_at) are never deleted.
+        q(
+            "retention_window",
+            "WITH win AS MATERIALIZED (SELECT id, sent_at, dead_at, created_at FROM {t}"
+            "   WHERE id > %(after)s ORDER BY id LIMIT %(limit)s),"
+            " gone AS (DELETE FROM {t} o USING win WHERE o.id = win.id"
+            "   AND win.sent_at < %(cutoff)s AND win.dead_at IS NULL"
+            "   AND o.sent_at < %(cutoff)s AND o.dead_at IS NULL RETURNING o.id)"
+            " SELECT (SELECT count(*) FROM gone) AS deleted,"
+            " (SELECT count(*) FROM win) AS scanned, (SELECT max(id) FROM win) AS last_id,"
+            " (SELECT min(created_at) FROM win) AS first_created,"
+            " (SELECT min(id) FROM gone) AS min_deleted, (SELECT max(id) FROM gone) AS max_deleted",
+        )
+        q(
+            "retention_lock_holder",
+            "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a"
+            " ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.classid = %(ns)s::oid"
+            " AND l.objid = %(key)s::oid AND l.objsubid = 2 AND l.granted"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        # -- replay: sent rows of a topic, chosen by ids or created_at range, made pending again
+        q(
+            "replay_count",
+            "SELECT count(*) FILTER (WHERE sent_at IS NOT NULL AND dead_at IS NULL) AS sent,"
+            " count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL) AS pending,"
+            " count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead,"
+            " min(id) FILTER (WHERE sent_at IS NOT NULL AND dead_at IS NULL) AS first_id,"
+            " max(id) FILTER (WHERE sent_at IS NOT NULL AND dead_at IS NULL) AS last_id"
+            " FROM {t} WHERE topic = %(topic)s"
+            " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))"
+            " AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
+            " AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s)",
+        )
+        q(
+            "replay_mark",
+            "WITH sel AS MATERIALIZED (SELECT id FROM {t}"
+            "   WHERE id > %(after)s AND id <= %(last)s AND topic = %(topic)s"
+            "   AND sent_at IS NOT NULL AND dead_at IS NULL"
+            "   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))"
+            "   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
+            "   AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s)"
+            "   ORDER BY id LIMIT %(limit)s),"
+            " upd AS (UPDATE {t} o SET sent_at = NULL, attempts = 0, next_attempt_at = NULL,"
+            "   last_error = NULL,"
+            "   headers = o.headers || jsonb_build_object(%(header)s::text, %(marker)s::text)"
+            "   FROM sel WHERE o.id = sel.id AND o.sent_at IS NOT NULL AND o.dead_at IS NULL"
+            "   RETURNING o.id)"
+            " SELECT (SELECT count(*) FROM upd) AS marked, (SELECT count(*) FROM sel) AS selected,"
+            " (SELECT max(id) FROM sel) AS last_id",
+        )
+        # -- dead letters: count, discard (kept as the audit record), restore, show
+        q(
+            "dead_count",
+            "SELECT count(*) FROM {t} WHERE dead_at IS NOT NULL AND sent_at IS NULL"
+            " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))"
+            " AND (%(topic)s::text IS NULL OR topic = %(topic)s)",
+        )
+        q(
+            "discard_dead",
+            "WITH sel AS MATERIALIZED (SELECT id FROM {t}"
+            "   WHERE id > %(after)s AND dead_at IS NOT NULL AND sent_at IS NULL"
+            "   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))"
+            "   AND (%(topic)s::text IS NULL OR topic = %(topic)s) ORDER BY id LIMIT %(limit)s),"
+            " upd AS (UPDATE {t} o SET sent_at = now(), headers = o.headers || jsonb_build_object("
+            "   %(header)s::text, jsonb_build_object('at', now(), 'by', %(actor)s::text,"
+            "   'reason', %(reason)s::text)::text)"
+            "   FROM sel WHERE o.id = sel.id AND o.dead_at IS NOT NULL AND o.sent_at IS NULL"
+            "   RETURNING o.id)"
+            " SELECT coalesce((SELECT array_agg(id ORDER BY id) FROM upd), '{{}}') AS ids,"
+            " (SELECT count(*) FROM sel) AS selected, (SELECT max(id) FROM sel) AS last_id",
+        )
+        q(
+            "restore_discarded",
+            "UPDATE {t} SET sent_at = NULL, headers = headers - %(header)s::text"
+            " WHERE dead_at IS NOT NULL AND sent_at IS NOT NULL"
+            " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))"
+            " AND (%(topic)s::text IS NULL OR topic = %(topic)s) RETURNING id",
+        )
+        q(
+            "discarded",
+            "SELECT id, idempotency_key, topic, key, attempts, last_error, created_at, dead_at,"
+            " sent_at AS discarded_at, headers ->> %(header)s AS discard FROM {t}"
+            " WHERE dead_at IS NOT NULL AND sent_at IS NOT NULL"
+            " AND (%(topic)s::text IS NULL OR topic = %(topic)s) ORDER BY id LIMIT %(limit)s",
+        )
+        q(
+            "show_row",
+            "SELECT id, idempotency_key, topic, key, content_type, headers, shard, created_at,"
+            " attempts, next_attempt_at, last_error, sent_at, dead_at,"
+            " length(payload) AS payload_bytes, payload FROM {t} WHERE id = %(id)s",
         )
 
     def _run(self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> Any:
@@ -280,6 +511,13 @@ class Store:
         )
         return [OutboxRow(*r) for r in cur.fetchall()]
 
+    def lowest_pending_seq(
+        self, conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], int]:
+        params = {"topics": [k[0] for k in keys], "keys": [k[1] for k in keys]}
+        rows = self._run(conn, "lowest_pending_seq", params).fetchall()
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows if r[2] is not None}
+
     def mark_sent(
         self, conn: psycopg.Connection[Any], ids: Sequence[int], epochs: dict[int, int]
     ) -> int:
@@ -346,6 +584,209 @@ class Store:
             cur.execute(self._q["owners"], {"ns": self.namespace})
             owners = cur.fetchall()
         return {"topics": topics, "shards": shards, "owners": owners, **counts}
+
+    # -- operations: gauges, status, drift, health guard (all read-only)
+    def _dicts(
+        self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(self._q[name], params or {}, prepare=True)
+            return cur.fetchall()
+
+    @property
+    def relation(self) -> str:
+        """The outbox table's quoted, qualified name (for ``to_regclass``)."""
+        return sql.Identifier(self.schema, self.table).as_string(None)
+
+    def read_meta(self, conn: psycopg.Connection[Any]) -> dict[str, str]:
+        """Meta facts of the outbox, whatever its revision; raise if the table is missing."""
+        try:
+            rows = self._run(conn, "meta", {}).fetchall()
+        except psycopg.errors.UndefinedTable:
+            if not conn.autocommit:
+                conn.rollback()
+            raise OutboxTableMissing(
+                f"outbox table {self.schema}.{self.table} does not exist: "
+                "run `outbox-relay migrate`"
+            ) from None
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    def pending_gauge(
+        self, conn: psycopg.Connection[Any], shards: Sequence[int]
+    ) -> list[dict[str, Any]]:
+        return self._dicts(conn, "pending_gauge", {"shards": list(shards)})
+
+    def dead_gauge(
+        self, conn: psycopg.Connection[Any], shards: Sequence[int]
+    ) -> list[dict[str, Any]]:
+        return self._dicts(conn, "dead_gauge", {"shards": list(shards)})
+
+    def relays(self, conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+        return self._dicts(conn, "relays", {"ns": self.namespace, "presence": PRESENCE_KEY})
+
+    def table_stats(self, conn: psycopg.Connection[Any]) -> dict[str, Any]:
+        rows = self._dicts(conn, "table_stats", {"rel": self.relation})
+        stats = rows[0] if rows else {}
+        stats["indexes"] = self._dicts(conn, "index_sizes", {"rel": self.relation})
+        return stats
+
+    def schema_objects(
+        self, conn: psycopg.Connection[Any], tables: Sequence[str]
+    ) -> list[tuple[str, str, bool]]:
+        params = {"schema": self.schema, "tables": list(tables), "rel": self.relation}
+        rows = self._run(conn, "schema_objects", params).fetchall()
+        return [(str(r[0]), str(r[1]), bool(r[2])) for r in rows]
+
+    def ops_status(self, conn: psycopg.Connection[Any]) -> dict[str, Any]:
+        """What ``status`` shows beyond :meth:`status`: relays, sizes, dead letters by topic."""
+        discarded = self._run(conn, "discarded_count", {}).fetchone()
+        idle = self._dicts(conn, "idle_shards")
+        now = self._run(conn, "db_now", {}).fetchone()
+        return {
+            "db_time": now[0] if now else None,
+            "relays": self.relays(conn),
+            "dead_by_topic": self._dicts(conn, "dead_by_topic"),
+            "discarded": int(discarded[0]) if discarded else 0,
+            "idle_shards": int(idle[0]["idle"]) if idle else 0,
+            "table": self.table_stats(conn),
+        }
+
+    def horizon_age(self, conn: psycopg.Connection[Any]) -> float:
+        row = self._run(conn, "horizon_age", {}).fetchone()
+        return float(row[0]) if row and row[0] is not None else 0.0
+
+    def xact_holders(self, conn: psycopg.Connection[Any], age: float) -> list[dict[str, Any]]:
+        return self._dicts(conn, "xact_holders", {"age": age})
+
+    def prepared_holders(self, conn: psycopg.Connection[Any], age: float) -> list[dict[str, Any]]:
+        return self._dicts(conn, "prepared_holders", {"age": age})
+
+    def slot_holders(self, conn: psycopg.Connection[Any], max_age: int) -> list[dict[str, Any]]:
+        return self._dicts(conn, "slot_holders", {"max_age": max_age})
+
+    # -- retention (autocommit: every statement is its own short transaction)
+    def retention_cutoff(self, conn: psycopg.Connection[Any], seconds: float) -> dt.datetime:
+        row = self._run(conn, "retention_cutoff", {"secs": seconds}).fetchone()
+        assert row is not None
+        cutoff: dt.datetime = row[0]
+        return cutoff
+
+    def retention_count(self, conn: psycopg.Connection[Any], cutoff: dt.datetime) -> dict[str, Any]:
+        return self._dicts(conn, "retention_count", {"cutoff": cutoff})[0]
+
+    def retention_window(
+        self, conn: psycopg.Connection[Any], cutoff: dt.datetime, after: int, limit: int
+    ) -> dict[str, Any]:
+        params = {"cutoff": cutoff, "after": after, "limit": limit}
+        return self._dicts(conn, "retention_window", params)[0]
+
+    def try_retention_lock(self, conn: psycopg.Connection[Any]) -> bool:
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(%s, %s)", (self.namespace, RETENTION_KEY)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def retention_unlock(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (self.namespace, RETENTION_KEY))
+
+    def retention_lock_holder(self, conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
+        rows = self._dicts(
+            conn, "retention_lock_holder", {"ns": self.namespace, "key": RETENTION_KEY}
+        )
+        return rows[0] if rows else None
+
+    # -- replay
+    def replay_count(
+        self,
+        conn: psycopg.Connection[Any],
+        topic: str,
+        ids: Sequence[int] | None,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+    ) -> dict[str, Any]:
+        params = {"topic": topic, "ids": list(ids) if ids else None, "since": since, "until": until}
+        return self._dicts(conn, "replay_count", params)[0]
+
+    def replay_mark(
+        self,
+        conn: psycopg.Connection[Any],
+        topic: str,
+        ids: Sequence[int] | None,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+        *,
+        after: int,
+        last: int,
+        limit: int,
+        marker: str,
+    ) -> dict[str, Any]:
+        """Make the next ``limit`` selected sent rows (ids in (after, last]) pending again."""
+        params = {
+            "topic": topic,
+            "ids": list(ids) if ids else None,
+            "since": since,
+            "until": until,
+            "after": after,
+            "last": last,
+            "limit": limit,
+            "header": REPLAY_HEADER,
+            "marker": marker,
+        }
+        return self._dicts(conn, "replay_mark", params)[0]
+
+    # -- dead letters: discard / restore / show
+    def dead_count(
+        self, conn: psycopg.Connection[Any], ids: Sequence[int] | None, topic: str | None
+    ) -> int:
+        row = self._run(
+            conn, "dead_count", {"ids": list(ids) if ids else None, "topic": topic}
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def discard_dead(
+        self,
+        conn: psycopg.Connection[Any],
+        ids: Sequence[int] | None,
+        topic: str | None,
+        *,
+        actor: str,
+        reason: str | None,
+        batch: int = 5000,
+    ) -> list[int]:
+        """Discard dead letters in batches of ``batch``; returns the discarded ids."""
+        done: list[int] = []
+        after = 0
+        while True:
+            params = {
+                "ids": list(ids) if ids else None,
+                "topic": topic,
+                "after": after,
+                "limit": batch,
+                "header": DISCARD_HEADER,
+                "actor": actor,
+                "reason": reason,
+            }
+            row = self._dicts(conn, "discard_dead", params)[0]
+            done.extend(int(i) for i in row["ids"])
+            if row["selected"] < batch or row["last_id"] is None:
+                return done
+            after = int(row["last_id"])
+
+    def restore_discarded(
+        self, conn: psycopg.Connection[Any], ids: Sequence[int] | None, topic: str | None
+    ) -> list[int]:
+        params = {"ids": list(ids) if ids else None, "topic": topic, "header": DISCARD_HEADER}
+        return [int(r[0]) for r in self._run(conn, "restore_discarded", params).fetchall()]
+
+    def discarded(
+        self, conn: psycopg.Connection[Any], topic: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        params = {"topic": topic, "limit": limit, "header": DISCARD_HEADER}
+        return self._dicts(conn, "discarded", params)
+
+    def show_row(self, conn: psycopg.Connection[Any], row_id: int) -> dict[str, Any] | None:
+        rows = self._dicts(conn, "show_row", {"id": row_id})
+        return rows[0] if rows else None
 
 
 def _lease_params(epochs: dict[int, int]) -> dict[str, list[int]]:

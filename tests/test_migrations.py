@@ -80,8 +80,11 @@ def functions(url: str, schema: str) -> set[str]:
     }
 
 
-OUTBOX_TABLES = {"outbox", "outbox_shards", "outbox_wakeup", "outbox_meta"}
-OUTBOX_INDEXES = {"outbox_pending_idx", "outbox_held_idx", "outbox_dead_idx"}
+OUTBOX_TABLES = {"outbox", "outbox_shards", "outbox_wakeup", "outbox_meta", "outbox_keyseq"}
+OUTBOX_INDEXES = {
+    "outbox_pending_idx", "outbox_held_idx", "outbox_dead_idx", "outbox_unsequenced_idx",
+    "outbox_seq_pending_idx",
+}
 
 
 @pytest.fixture
@@ -120,10 +123,10 @@ def test_migrate_creates_the_outbox_and_is_idempotent(db_url: str, schema: str) 
     assert found["outbox_wakeup"] == "u"  # unlogged: the idle flags are not WAL-logged
     assert found["outbox"] == "p"
     assert indexes(db_url, schema) >= OUTBOX_INDEXES
-    assert triggers(db_url, schema) == {"outbox_notify"}
+    assert triggers(db_url, schema) == {"outbox_notify", "outbox_assign_seq"}
     assert "outbox_notify" in functions(db_url, schema)
     meta = dict(sql(db_url, f'SELECT name, value FROM "{schema}".outbox_meta'))
-    assert meta == {"shards": "5", "revision": "0001", "channel": f"outbox_relay.{schema}.outbox"}
+    assert meta == {"shards": "5", "revision": "0002", "channel": f"outbox_relay.{schema}.outbox"}
     shard_rows = sql(db_url, f'SELECT shard FROM "{schema}".outbox_shards ORDER BY shard')
     assert [r[0] for r in shard_rows] == [0, 1, 2, 3, 4]
     wake_rows = sql(db_url, f'SELECT shard, idle FROM "{schema}".outbox_wakeup ORDER BY shard')
@@ -163,7 +166,7 @@ def test_migrate_flags_override_the_environment(db_url: str, schema: str) -> Non
     assert {"events", "events_shards", "events_wakeup", "events_meta"} <= set(
         tables(db_url, schema)
     )
-    assert triggers(db_url, schema) == {"events_notify"}
+    assert triggers(db_url, schema) == {"events_notify", "events_assign_seq"}
     assert dict(sql(db_url, f'SELECT name, value FROM "{schema}".events_meta'))["shards"] == "3"
 
 
@@ -194,7 +197,7 @@ def test_migrate_sql_output_applies_cleanly(db_url: str, schema: str) -> None:
     assert set(tables(db_url, schema)) == {*OUTBOX_TABLES, "outbox_relay_version"}
     status = run_cli("status", env=cli_env(OUTBOX_DATABASE_URL=db_url, OUTBOX_SCHEMA=schema))
     assert status.returncode == 0, status.stderr
-    assert "revision 0001" in status.stdout and "shards 2" in status.stdout
+    assert "revision 0002" in status.stdout and "shards 2" in status.stdout
 
 
 def test_downgrade_removes_the_outbox(db_url: str, schema: str) -> None:
@@ -316,7 +319,7 @@ def test_host_alembic_upgrades_both_branches(db_url: str, schema: str) -> None:
     ok(run("upgrade", "heads"))
     found = tables(db_url, schema)
     assert set(found) == {*HOST_TABLES, *OUTBOX_TABLES, "alembic_version"}
-    assert triggers(db_url, schema) == {"outbox_notify"}
+    assert triggers(db_url, schema) == {"outbox_notify", "outbox_assign_seq"}
     assert {"ix_orders_customer_id", *OUTBOX_INDEXES} <= indexes(db_url, schema)
     # both branches recorded in the HOST's version table, in the host schema
     versions = {r[0] for r in sql(db_url, f'SELECT version_num FROM "{schema}".alembic_version')}

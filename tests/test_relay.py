@@ -331,18 +331,21 @@ def test_poll_only_mode(
     kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
-    relay = relay_factory("--poll-only", OUTBOX_POLL_INTERVAL="0.5")
+    name = f"poll-{outbox.schema}"  # other relays may run on the same server meanwhile
+    relay = relay_factory("--poll-only", OUTBOX_POLL_INTERVAL="0.5", OUTBOX_RELAY_NAME=name)
     wait_for(
         lambda: bool(
             outbox.sql(
-                "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'outbox-relay lease%%'"
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = %s",
+                (f"outbox-relay lease {name}",),
             )
         ),
         15,
         "relay up",
     )
     assert not outbox.sql(
-        "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'outbox-relay listen%%'"
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = %s",
+        (f"outbox-relay listen {name}",),
     ), "poll-only must not LISTEN"
     _enqueue_numbered(engine, topic, 100, keys=10)
     got = consume(kafka_bootstrap, topic, expected=100, timeout=30)

@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
 HEADER_IDEMPOTENCY_KEY = "idempotency-key"
 HEADER_OUTBOX_ID = "outbox-id"
 HEADER_CONTENT_TYPE = "content-type"
+HEADER_SEQ = "outbox-seq"
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -103,6 +104,8 @@ class KafkaSink:
             headers.append((HEADER_IDEMPOTENCY_KEY, row.idempotency_key.encode()))
             headers.append((HEADER_OUTBOX_ID, str(row.id).encode()))
             headers.append((HEADER_CONTENT_TYPE, row.content_type.encode()))
+            if row.seq is not None:
+                headers.append((HEADER_SEQ, str(row.seq).encode()))
             while True:
                 try:
                     produce(

@@ -30,9 +30,7 @@ log = logging.getLogger(__name__)
 class RouterSink:
     name = "router"
 
-    def __init__(
-        self, routes: Routes, kafka: Sink | None, webhooks: WebhookSink | None
-    ) -> None:
+    def __init__(self, routes: Routes, kafka: Sink | None, webhooks: WebhookSink | None) -> None:
         if routes.uses_kafka and kafka is None:
             raise ConfigError(f"OUTBOX_ROUTES_FILE {routes.path}: a route needs Kafka")
         if routes.webhooks and webhooks is None:
@@ -118,8 +116,9 @@ class RouterSink:
             kafka_future = self._kafka_thread.submit(self.kafka.publish, kafka_rows, timeout)
         if hook_rows:
             assert self.webhooks is not None
-            for i, o in zip(hook_idx, self.webhooks.publish_to(hook_rows, hook_names, timeout),
-                            strict=True):
+            for i, o in zip(
+                hook_idx, self.webhooks.publish_to(hook_rows, hook_names, timeout), strict=True
+            ):
                 outcomes[i] = o
         if kafka_future is not None:
             for i, o in zip(kafka_idx, kafka_future.result(), strict=True):  # re-raises fatal

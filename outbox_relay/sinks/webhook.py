@@ -86,6 +86,7 @@ RESERVED_HEADERS = frozenset(
         "outbox-id",
         "outbox-topic",
         "outbox-key",
+        "outbox-seq",
     }
 )
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -93,8 +94,13 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 #: Cloud metadata services: refused even with ``OUTBOX_WEBHOOK_ALLOW_PRIVATE=true``.
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
-    for a in ("169.254.169.254", "169.254.170.2", "169.254.170.23", "fd00:ec2::254",
-              "100.100.100.200")
+    for a in (
+        "169.254.169.254",
+        "169.254.170.2",
+        "169.254.170.23",
+        "fd00:ec2::254",
+        "100.100.100.200",
+    )
 )
 
 ENDPOINT_STATE = Gauge(
@@ -130,7 +136,7 @@ def decode_secret(secret: str) -> bytes:
 
     Raises ``ValueError`` whose message never contains the secret.
     """
-    raw = secret[len(SECRET_PREFIX):] if secret.startswith(SECRET_PREFIX) else secret
+    raw = secret[len(SECRET_PREFIX) :] if secret.startswith(SECRET_PREFIX) else secret
     raw = raw.rstrip("=")
     try:
         key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
@@ -371,15 +377,15 @@ def resolve(host: str, port: int) -> list[IPAddress]:
     return list(seen)
 
 
-def check_addresses(
-    host: str, addrs: Sequence[IPAddress], allow_private: bool
-) -> list[IPAddress]:
+def check_addresses(host: str, addrs: Sequence[IPAddress], allow_private: bool) -> list[IPAddress]:
     """``addrs`` if every one is allowed; else :class:`Refused` naming the first bad one."""
     for ip in addrs:
         problem = address_problem(ip, allow_private)
         if problem is not None:
-            hint = "" if problem.startswith(("a cloud", "not a unicast")) else (
-                " (OUTBOX_WEBHOOK_ALLOW_PRIVATE=true allows it)"
+            hint = (
+                ""
+                if problem.startswith(("a cloud", "not a unicast"))
+                else (" (OUTBOX_WEBHOOK_ALLOW_PRIVATE=true allows it)")
             )
             shown = f"{host} is" if host.strip("[]") == str(ip) else f"{host} resolves to {ip},"
             raise Refused(f"{shown} {problem}; refused by the SSRF guard{hint}")
@@ -457,7 +463,10 @@ class _GuardedBackend(httpcore.NetworkBackend):
         for ip in check_addresses(host, addrs, self._allow_private):
             try:
                 stream = self._inner.connect_tcp(
-                    str(ip), port, _clip(timeout, httpcore.ConnectTimeout), local_address,
+                    str(ip),
+                    port,
+                    _clip(timeout, httpcore.ConnectTimeout),
+                    local_address,
                     socket_options,
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
@@ -544,11 +553,15 @@ def endpoint_config(
         except ValueError as exc:
             which = f"secret #{n}" if len(secrets) > 1 else "the secret"
             raise ConfigError(f"{where}: {which} is {exc}") from None
-    if not (isinstance(timeout, int | float) and not isinstance(timeout, bool)
-            and 0 < timeout <= 300):
+    if not (
+        isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout <= 300
+    ):
         raise ConfigError(f"{where}: timeout must be a number of seconds in (0, 300]")
-    if not (isinstance(concurrency, int) and not isinstance(concurrency, bool)
-            and 1 <= concurrency <= 256):
+    if not (
+        isinstance(concurrency, int)
+        and not isinstance(concurrency, bool)
+        and 1 <= concurrency <= 256
+    ):
         raise ConfigError(f"{where}: concurrency must be an integer from 1 to 256")
     clean: dict[str, str] = {}
     for hname, hvalue in (headers or {}).items():
@@ -559,9 +572,7 @@ def endpoint_config(
         if not isinstance(hvalue, str) or "\r" in hvalue or "\n" in hvalue:
             raise ConfigError(f"{where}: header {hname!r} must be a one-line string")
         clean[hname.lower()] = hvalue
-    return EndpointConfig(
-        name, url, tuple(secrets), float(timeout), concurrency, clean, where
-    )
+    return EndpointConfig(name, url, tuple(secrets), float(timeout), concurrency, clean, where)
 
 
 @dataclass
@@ -627,7 +638,8 @@ class _Endpoint:
         self.disabled: str | None = None
         self._disabled_logged = 0.0
         self._secret_texts = [
-            t for s in cfg.secrets
+            t
+            for s in cfg.secrets
             for t in (s.get_secret_value(), s.get_secret_value().removeprefix(SECRET_PREFIX))
         ]
         self._origin = origin(self.url)
@@ -778,6 +790,8 @@ class _Endpoint:
         ]
         if row.key is not None:
             headers.append((b"outbox-key", _header_value(row.key).encode()))
+        if row.seq is not None:
+            headers.append((b"outbox-seq", b"%d" % row.seq))
         timeout = self.cfg.timeout
         _deadline.until = time.monotonic() + timeout
         try:
@@ -808,10 +822,15 @@ class _Endpoint:
             return _Result(error=f"timed out after {timeout:g}s", kind="timeout")
         except Refused as exc:
             return _Result(error=str(exc), kind="refused")
-        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
-                httpcore.ProxyError) as exc:
-            return _Result(error=f"{_ERROR_NAMES.get(type(exc), type(exc).__name__)}: "
-                                 f"{_first_line(exc)}")
+        except (
+            httpcore.NetworkError,
+            httpcore.ProtocolError,
+            httpcore.UnsupportedProtocol,
+            httpcore.ProxyError,
+        ) as exc:
+            return _Result(
+                error=f"{_ERROR_NAMES.get(type(exc), type(exc).__name__)}: {_first_line(exc)}"
+            )
         except UnicodeEncodeError as exc:  # a header value that is not ASCII after all
             return _Result(error=f"cannot build the request: {_first_line(exc)}")
         finally:

@@ -453,6 +453,7 @@ def test_rollbacks_serialization_failures_and_late_prepared_commits(
 
 # 9 -------------------------------------------------------------------------------------------
 @pytest.mark.shards(SHARDS)
+@pytest.mark.parametrize("mode", ["default", "sequenced"])
 def test_commit_order_inversion(
     outbox: Outbox,
     topic: str,
@@ -460,11 +461,18 @@ def test_commit_order_inversion(
     producer_engine: Engine,
     relay_factory: Callable[..., RelayProcess],
     record: Callable[..., None],
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Writer A enqueues, then waits for the business lock B holds; B enqueues and commits first.
     Id order (A < B) differs from commit order (B, A). The default mode publishes in id order
     among committed rows, so the consumer can see A after... or before B: reported, not asserted,
     until the per-key sequence mode exists."""
+    from outbox_relay.settings import producer_settings
+
+    if mode == "sequenced":
+        monkeypatch.setenv("OUTBOX_SEQUENCE_TOPICS", topic)
+        producer_settings.cache_clear()
     started = time.monotonic()
     schema = outbox.schema
     with producer_engine.begin() as c:
@@ -507,18 +515,15 @@ def test_commit_order_inversion(
         t.start()
     for t in threads:
         t.join(60)
-    report = finish(
-        "commit_order_inversion",
-        outbox,
-        topic,
-        kafka_bootstrap,
-        set(),
-        started,
-        relay_factory,
-        commit_order=commit_rank,
-        healthy=relay,
-    )
-    record(report, mode="default (id order)", violations_allowed=True)
+    name = "commit_order_inversion" + ("" if mode == "default" else "_sequenced")
+    report = finish(name, outbox, topic, kafka_bootstrap, set(), started, relay_factory,
+                    commit_order=commit_rank, healthy=relay)
+    record(report, mode=mode, violations_allowed=mode == "default")
+    if mode == "sequenced":
+        assert report.order_violations == 0, report
+        gaps = outbox.sql("SELECT key, count(*), max(seq) FROM {t} GROUP BY key "
+                          "HAVING count(*) <> max(seq) OR min(seq) <> 1")
+        assert gaps == [], "sequences must be contiguous per key"
     assert report.lost == 0 and report.unexpected == 0, report
 
 

@@ -20,12 +20,12 @@ depends_on = None
 
 def upgrade() -> None:
     o = options()
-    tables = build_tables(o.schema, o.table, o.shards)
+    tables = build_tables(o.schema, o.table, o.shards, version=1)
     for statement in create_statements(tables, o.channel, o.shards):
         op.execute(statement)
 
 
 def downgrade() -> None:
     o = options()
-    for statement in drop_statements(build_tables(o.schema, o.table, o.shards)):
+    for statement in drop_statements(build_tables(o.schema, o.table, o.shards, version=1)):
         op.execute(statement)
