@@ -417,8 +417,14 @@ class Relay:
                 metrics.FENCED.inc(len(delivered) - marked)
                 log.warning("%d delivered rows not marked: lease moved on", len(delivered) - marked)
             now = time.time()
+            per_topic: dict[str, int] = {}
             for r in delivered:
-                metrics.PUBLISHED.labels(r.topic, sink).inc()
+                per_topic[r.topic] = per_topic.get(r.topic, 0) + 1
+            for topic, n in per_topic.items():
+                metrics.PUBLISHED.labels(topic, sink).inc(n)
+            # lag of at most ~100 evenly spaced rows per round: the histogram keeps its shape
+            # without a per-message cost on the hot path
+            for r in delivered[:: max(1, len(delivered) // 100)]:
                 metrics.LAG.observe(max(0.0, now - r.created_at.timestamp()))
         if failures:
             dead = set(

@@ -7,6 +7,7 @@ composed once per (schema, table) with properly quoted identifiers.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,8 +76,9 @@ class Store:
                 t=t, shards=shards, wakeup=wakeup, meta=meta, **extra
             )
 
+        # headers as text: most rows have none ('{}'), and parsing is skipped for those
         cols = (
-            "o.id, o.idempotency_key, o.topic, o.key, o.payload, o.content_type, o.headers, "
+            "o.id, o.idempotency_key, o.topic, o.key, o.payload, o.content_type, o.headers::text, "
             "o.shard, o.attempts, o.created_at, o.seq"
         )
         q("meta", "SELECT name, value FROM {meta}")
@@ -107,36 +109,40 @@ class Store:
             " FROM unnest(%(topics)s::text[], %(keys)s::text[]) AS k(topic, key)",
         )
         # Fenced: only rows of shards whose epoch is still ours. FOR SHARE waits for a concurrent
-        # takeover (which updates the epoch row) and then sees the new epoch.
+        # takeover (which updates the epoch row) and then sees the new epoch. The lease is
+        # evaluated once, as one array (a MATERIALIZED CTE): as a plain join it sat on the inner
+        # side of a nested loop and re-locked the shard rows for every marked row (~4x slower).
         lease = (
-            "(SELECT sh.shard FROM {shards} sh"
+            "WITH ok AS MATERIALIZED (SELECT coalesce(array_agg(v.shard), '{{}}') AS shards"
+            " FROM (SELECT sh.shard FROM {shards} sh"
             " JOIN unnest(%(lease_shards)s::smallint[], %(epochs)s::bigint[]) AS l(shard, epoch)"
-            " ON sh.shard = l.shard AND sh.epoch = l.epoch FOR SHARE OF sh)"
+            " ON sh.shard = l.shard AND sh.epoch = l.epoch FOR SHARE OF sh) AS v) "
         )
         q(
             "mark_sent",
-            "UPDATE {t} o SET sent_at = now() FROM " + lease + " AS ok"
-            " WHERE o.id = ANY(%(ids)s::bigint[]) AND o.shard = ok.shard AND o.sent_at IS NULL",
+            lease + "UPDATE {t} o SET sent_at = now() FROM ok"
+            " WHERE o.id = ANY(%(ids)s::bigint[]) AND o.shard = ANY(ok.shards)"
+            " AND o.sent_at IS NULL",
         )
         q(
             "mark_failed",
-            "UPDATE {t} o SET attempts = o.attempts + 1, last_error = f.error,"
+            lease + "UPDATE {t} o SET attempts = o.attempts + 1, last_error = f.error,"
             " next_attempt_at = now() + f.delay * interval '1 second',"
             " dead_at = CASE WHEN o.attempts + 1 >= %(max_attempts)s THEN now() END"
             " FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(delays)s::float8[])"
-            "   AS f(id, error, delay), " + lease + " AS ok"
-            " WHERE o.id = f.id AND o.shard = ok.shard AND o.sent_at IS NULL"
+            "   AS f(id, error, delay), ok"
+            " WHERE o.id = f.id AND o.shard = ANY(ok.shards) AND o.sent_at IS NULL"
             " RETURNING o.id, o.dead_at IS NOT NULL AS dead",
         )
         # Held back by the sink on purpose (e.g. webhook endpoint answered 410 Gone): wait, but
         # do not count an attempt, so the row stays pending instead of becoming a dead letter.
         q(
             "mark_deferred",
-            "UPDATE {t} o SET last_error = f.error,"
+            lease + "UPDATE {t} o SET last_error = f.error,"
             " next_attempt_at = now() + f.delay * interval '1 second'"
             " FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(delays)s::float8[])"
-            "   AS f(id, error, delay), " + lease + " AS ok"
-            " WHERE o.id = f.id AND o.shard = ok.shard AND o.sent_at IS NULL",
+            "   AS f(id, error, delay), ok"
+            " WHERE o.id = f.id AND o.shard = ANY(ok.shards) AND o.sent_at IS NULL",
         )
         q(
             "take_epoch",
@@ -506,10 +512,18 @@ class Store:
         blocked: Sequence[str],
         limit: int,
     ) -> list[OutboxRow]:
-        cur = self._run(
-            conn, "fetch", {"shards": list(shards), "blocked": list(blocked), "limit": limit}
+        # binary: payloads arrive as raw bytes instead of hex text (half the bytes, no decoding)
+        cur = conn.execute(
+            self._q["fetch"],
+            {"shards": list(shards), "blocked": list(blocked), "limit": limit},
+            prepare=True,
+            binary=True,
         )
-        return [OutboxRow(*r) for r in cur.fetchall()]
+        loads = json.loads
+        return [
+            OutboxRow(i, ik, tp, k, pl, ct, {} if h == "{}" else loads(h), sh, at, cr, sq)
+            for i, ik, tp, k, pl, ct, h, sh, at, cr, sq in cur.fetchall()
+        ]
 
     def lowest_pending_seq(
         self, conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str]]
