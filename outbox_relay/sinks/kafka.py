@@ -132,9 +132,14 @@ class KafkaSink:
         ]
 
     def _wait(self, outcomes: list[Outcome | None], timeout: float) -> None:
+        """Until every message of *this* batch has its delivery report (several drain workers
+        may publish at once: the producer's queue as a whole need not run empty)."""
         deadline = time.monotonic() + timeout
-        while True:
-            left = self._producer.flush(min(0.5, max(0.0, deadline - time.monotonic())))
+        pending = [i for i, o in enumerate(outcomes) if o is None]
+        while pending:
+            # flush sends at once (no linger) and serves delivery callbacks
+            left = self._producer.flush(min(0.05, max(0.0, deadline - time.monotonic())))
+            pending = [i for i in pending if outcomes[i] is None]
             if left == 0 or time.monotonic() >= deadline or self._fatal is not None:
                 return
 
