@@ -28,6 +28,7 @@ from .errors import (
     PayloadTooLarge,
     WrongSessionType,
 )
+from .inbox import InboxMessage, SequenceGap, process_once, process_once_async
 from .schema import build_tables
 from .settings import Settings
 
@@ -52,6 +53,7 @@ __all__ = [
     "enqueue_many_async",
     "include_outbox_objects",
 ]
+__all__ += ["InboxMessage", "SequenceGap", "process_once", "process_once_async"]
 
 
 def include_outbox_objects(name: str | None, type_: str, parent_names: object) -> bool:

@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--sql", action="store_true", help="print the DDL instead (no database)")
     m.add_argument("--shards", type=int, help="OUTBOX_SHARDS, fixed when the table is created")
     m.add_argument("--downgrade", metavar="REV", help="downgrade to REV (e.g. base)")
+    m.add_argument(
+        "--inbox",
+        action="store_true",
+        help="the consumer inbox tables (outbox_relay.inbox) instead of the outbox; "
+        "OUTBOX_INBOX_SCHEMA (default --schema/OUTBOX_SCHEMA), OUTBOX_INBOX_TABLE (default inbox)",
+    )
 
     r = sub.add_parser("run", help="run the relay until SIGTERM/SIGINT")
     r.add_argument("--sink", choices=["kafka", "webhook"])
@@ -184,22 +190,57 @@ def _connect(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
 
 # ---------------------------------------------------------------------- migrate
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if getattr(args, "inbox", False):
+        from .inbox import inbox_names
+        from .inbox_migrations import HEAD as INBOX_HEAD
+        from .inbox_migrations import SCRIPT_LOCATION as INBOX_LOCATION
+
+        schema, table = inbox_names(
+            args.db_schema or os.environ.get("OUTBOX_INBOX_SCHEMA") or settings.db_schema
+        )
+        return _alembic(
+            args,
+            settings,
+            INBOX_LOCATION,
+            INBOX_HEAD,
+            "outbox_relay_inbox",
+            {"schema": schema, "table": table},
+            f"inbox schema {schema}.{table}",
+        )
+    from .migrations import HEAD, SCRIPT_LOCATION
+
+    options = {"schema": settings.db_schema, "table": settings.table, "shards": settings.shards}
+    return _alembic(
+        args,
+        settings,
+        SCRIPT_LOCATION,
+        HEAD,
+        "outbox_relay",
+        options,
+        f"outbox schema {settings.db_schema}.{settings.table}",
+    )
+
+
+def _alembic(
+    args: argparse.Namespace,
+    settings: Settings,
+    location: str,
+    head: str,
+    key: str,
+    options: dict[str, object],
+    what: str,
+) -> int:
+    """Upgrade (or ``--downgrade``, or print ``--sql``) one shipped branch."""
     from alembic import command
     from alembic.config import Config
     from alembic.util import CommandError
 
-    from .migrations import HEAD, SCRIPT_LOCATION
-
     cfg = Config()
-    cfg.set_main_option("script_location", SCRIPT_LOCATION)
-    cfg.attributes["outbox_relay"] = {
-        "schema": settings.db_schema,
-        "table": settings.table,
-        "shards": settings.shards,
-    }
+    cfg.set_main_option("script_location", location)
+    cfg.attributes[key] = options
     if args.sql:
         cfg.set_main_option("sqlalchemy.url", "postgresql://")
-        command.upgrade(cfg, HEAD, sql=True)
+        command.upgrade(cfg, head, sql=True)
         return 0
     url = settings.require_database_url()
     with _connect(settings):
@@ -209,13 +250,10 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
         if args.downgrade:
             command.downgrade(cfg, args.downgrade)
         else:
-            command.upgrade(cfg, HEAD)
+            command.upgrade(cfg, head)
     except CommandError as exc:
         raise ConfigError(f"migration failed: {exc}") from None
-    print(
-        f"outbox schema {settings.db_schema}.{settings.table} is at "
-        f"{args.downgrade or HEAD} in {redact(url)}"
-    )
+    print(f"{what} is at {args.downgrade or head} in {redact(url)}")
     return 0
 
 

@@ -75,3 +75,54 @@ __all__ = [
     "SinkUnavailable",
     "WrongSessionType",
 ]
+
+
+# ---------------------------------------------------------------------- consumer inbox
+class InboxError(OutboxError):
+    """Base class of the errors of the consumer inbox helper (``outbox_relay.inbox``)."""
+
+
+class InboxTableMissing(InboxError):
+    """The inbox tables do not exist: run ``outbox-relay migrate --inbox`` (or the alembic branch
+    ``outbox_relay_inbox``)."""
+
+
+class SequenceGap(InboxError):
+    """A message's ``outbox-seq`` is beyond the next expected one: an earlier message of the key is
+    missing. Nothing was recorded; do not commit the transaction nor acknowledge the message."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str,
+        key: str,
+        expected: int,
+        got: int,
+        idempotency_key: str,
+    ) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.key = key
+        self.expected = expected
+        self.got = got
+        self.idempotency_key = idempotency_key
+
+
+class WebhookVerificationError(InboxError, ValueError):
+    """A webhook request is not authentic: a Standard Webhooks header is missing or malformed, or no
+    signature matches any of the secrets."""
+
+
+class WebhookTimestampError(WebhookVerificationError):
+    """A webhook's ``webhook-timestamp`` is outside the tolerance (too old: a replay or a long
+    delay; or in the future: clock skew)."""
+
+
+__all__ += [
+    "InboxError",
+    "InboxTableMissing",
+    "SequenceGap",
+    "WebhookTimestampError",
+    "WebhookVerificationError",
+]
