@@ -1,0 +1,1 @@
+"""Benchmark harness of outbox-relay: ``python -m benchmarks.run`` (``make bench``)."""

@@ -1,0 +1,137 @@
+"""Relay drain of a pre-filled backlog, by the real ``outbox-relay run`` subprocess.
+
+The backlog is written with COPY (not timed), then VACUUM ANALYZE and CHECKPOINT, as a table
+that has sat a while under autovacuum would be. The clock starts when the relay process is
+spawned and stops at the last ``sent_at`` the relay wrote (Postgres' clock and ours are the same
+machine's), so neither the harness' polling interval nor anything else is subtracted or added.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, TopicPartition
+
+from .common import (
+    BenchError,
+    BenchOutbox,
+    CpuSampler,
+    RelayProcess,
+    Services,
+    log,
+    msg_key,
+    relay_stats,
+)
+from .kafka_bench import drain_ikey
+
+
+def fill(box: BenchOutbox, topic: str, n: int, pool: Sequence[bytes]) -> float:
+    """TRUNCATE and write ``n`` pending rows (the raw producer's messages); returns seconds."""
+    t0 = time.monotonic()
+    box.sql(f'TRUNCATE {box.t}, "{box.schema}".orders RESTART IDENTITY')
+    with box.svc.connect() as conn, conn.cursor() as cur:
+        with cur.copy(
+            f"COPY {box.t} (idempotency_key, topic, key, payload, content_type) FROM STDIN"
+        ) as copy:
+            for i in range(n):
+                copy.write_row((drain_ikey(i), topic, msg_key(i), pool[i % len(pool)],
+                                "application/json"))
+        conn.execute(f"VACUUM (ANALYZE) {box.t}")
+        conn.execute("CHECKPOINT")
+    return time.monotonic() - t0
+
+
+def topic_messages(svc: Services, topic: str, partitions: int) -> int:
+    consumer = Consumer({"bootstrap.servers": svc.bootstrap, "group.id": "bench-watermarks"})
+    try:
+        return sum(
+            hi - lo
+            for lo, hi in (
+                consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                for p in range(partitions)
+            )
+        )
+    finally:
+        consumer.close()
+
+
+def relay_drain(
+    box: BenchOutbox, topic: str, partitions: int, n: int, logdir: Path,
+    poll_every: float, timeout: float, relay_args: Sequence[str] = (),
+    wrap: Sequence[str] = (), hold_xmin: bool = False, env: dict[str, str] | None = None,
+    src: str | None = None,
+) -> dict[str, Any]:
+    """Start the relay on a filled backlog, wait until nothing is pending, stop it.
+
+    ``hold_xmin``: meanwhile another session keeps a transaction with an xid open (a long
+    report, pg_dump, an idle-in-transaction client: common on a primary), so rows the relay
+    marks sent stay visible to it and Postgres can neither prune them nor kill their index
+    entries until it ends."""
+    holder = None
+    if hold_xmin:
+        holder = psycopg.connect(box.svc.dsn)
+        holder.execute("SELECT txid_current()")
+    try:
+        return _relay_drain(box, topic, partitions, n, logdir, poll_every, timeout,
+                            relay_args, wrap, env, src)
+    finally:
+        if holder is not None:
+            holder.close()
+
+
+def _relay_drain(
+    box: BenchOutbox, topic: str, partitions: int, n: int, logdir: Path,
+    poll_every: float, timeout: float, relay_args: Sequence[str], wrap: Sequence[str],
+    env: dict[str, str] | None, src: str | None,
+) -> dict[str, Any]:
+    relay = RelayProcess(box, logdir / f"drain-{topic}.log", relay_args, env=env, wrap=wrap,
+                         src=src)
+    cpu = CpuSampler(relay.pid).start()
+    try:
+        startup = relay.wait_ready()
+        box.wait_drained(relay, timeout, every=poll_every)
+        observed = time.time()
+        cores = cpu.stop()
+        first, last, pending, rows = box.sql(
+            "SELECT min(sent_at), max(sent_at), count(*) FILTER (WHERE sent_at IS NULL),"
+            " count(*) FROM {t}"
+        )[0]
+        rss = relay.vmhwm_mb()
+        relay_cpu = relay.cpu_s()
+        stats = relay_stats({}, relay.metrics())
+    finally:
+        code = relay.stop()
+    if pending:
+        raise BenchError(f"{pending} rows left pending (dead letters?); log: {relay.log_path}")
+    if code != 0:
+        raise BenchError(f"relay exited with {code}; log: {relay.log_path}")
+    if rows == n:
+        total = last.timestamp() - relay.started_wall
+        steady = last.timestamp() - first.timestamp()
+        clock = "last sent_at"
+    else:  # a relay variant that deletes sent rows: the harness' own observation
+        total = observed - relay.started_wall
+        steady = float("nan")
+        clock = f"observed by polling every {poll_every}s"
+    delivered = topic_messages(box.svc, topic, partitions)
+    if delivered < n:
+        raise BenchError(f"only {delivered} of {n} messages reached {topic}")
+    log(f"  relay drained {n} rows in {total:.1f}s (start-up {startup:.2f}s), "
+        f"cpu {cores}, {stats}")
+    return {
+        "msgs_per_s": n / total,
+        "seconds": total,
+        "startup_s": startup,
+        "steady_msgs_per_s": n / steady if steady > 0 else float("nan"),
+        "rss_mb": rss,
+        "relay_cpu_s": relay_cpu,
+        "relay_cpu_us_per_msg": 1e6 * relay_cpu / n,
+        "cores": cores,
+        "relay": stats,
+        "duplicates": delivered - n,
+        "end_clock": clock,
+    }
