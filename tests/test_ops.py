@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -371,8 +372,9 @@ def test_readiness_fails_while_the_database_is_unreachable_and_recovers(
     db_proxy: TcpProxy,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
-    url = outbox.url.replace(":55432/", f":{db_proxy.port}/")
-    assert url != outbox.url, "the test database URL is expected on port 55432"
+    pg_port = os.environ.get("OUTBOX_PG_PORT", "55432")
+    url = outbox.url.replace(f":{pg_port}/", f":{db_proxy.port}/")
+    assert url != outbox.url, f"the test database URL is expected on port {pg_port}"
     relay = relay_factory(OUTBOX_DATABASE_URL=url)
     wait_for(lambda: _ready(relay)[0] == 200, 30, "/readyz 200 through the proxy")
     db_proxy.stop()
