@@ -115,7 +115,7 @@ def _relay_drain(
         clock = "last sent_at"
     else:  # a relay variant that deletes sent rows: the harness' own observation
         total = observed - relay.started_wall
-        steady = float("nan")
+        steady = None
         clock = f"observed by polling every {poll_every}s"
     delivered = topic_messages(box.svc, topic, partitions)
     if delivered < n:
@@ -126,7 +126,7 @@ def _relay_drain(
         "msgs_per_s": n / total,
         "seconds": total,
         "startup_s": startup,
-        "steady_msgs_per_s": n / steady if steady > 0 else float("nan"),
+        "steady_msgs_per_s": n / steady if steady else None,
         "rss_mb": rss,
         "relay_cpu_s": relay_cpu,
         "relay_cpu_us_per_msg": 1e6 * relay_cpu / n,

@@ -143,12 +143,14 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                 rec.add("relay_drain_msgs_per_s", d["msgs_per_s"])
                 rec.add("drain_ratio", d["msgs_per_s"] / raw["msgs_per_s"])
                 rec.add("relay_startup_s", d["startup_s"])
-                rec.add("relay_drain_steady_msgs_per_s", d["steady_msgs_per_s"])
+                if d["steady_msgs_per_s"] is not None:  # None: the relay deleted sent rows
+                    rec.add("relay_drain_steady_msgs_per_s", d["steady_msgs_per_s"])
                 rec.add("relay_rss_mb", d["rss_mb"])
                 rec.add("relay_cpu_us_per_msg", d["relay_cpu_us_per_msg"])
                 rec.note("drain_detail", {k: v for k, v in d.items()})
+                steady = d["steady_msgs_per_s"]
                 log(f"rep {rep + 1}: relay drain {d['msgs_per_s']:,.0f} msg/s "
-                    f"(steady {d['steady_msgs_per_s']:,.0f}), ratio "
+                    f"(steady {'n/a' if steady is None else f'{steady:,.0f}'}), ratio "
                     f"{d['msgs_per_s'] / raw['msgs_per_s']:.3f}")
             held_n = cfg["xmin_held_rows"]
             for rep in range(cfg["reps"] if cfg["xmin_held"] else 0):
@@ -608,7 +610,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--xmin-held", action=argparse.BooleanOptionalAction, default=None,
                    help="also drain with another transaction holding the xmin horizon "
                    "(default: full scale only)")
+    p.add_argument("--replot", type=Path, metavar="RESULTS_JSON",
+                   help="only redraw results/latency.png from a results file, run nothing")
     args = p.parse_args(argv)
+    if args.replot:
+        old = json.loads(args.replot.read_text())
+        ok = plot(old["latency_percentiles_ms"], RESULTS / "latency.png",
+                  f"outbox-relay latency at {old['params']['rate_msgs_per_s']} msg/s, "
+                  f"{old['params']['payload_bytes']} B ({old['scale']}, {old['timestamp']})",
+                  old["params"].get("low_rate_msgs_per_s"))
+        return 0 if ok else 1
     if args.scale not in SCALES:
         print(f"benchmarks: error: BENCH_SCALE must be one of {sorted(SCALES)}", file=sys.stderr)
         return 2
@@ -633,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     stamp = dt.datetime.now(dt.UTC)
+    rev_at_start = git_rev()
     rec = Recorder()
     durations: dict[str, float] = {}
     skipped: dict[str, str] = {}
@@ -676,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **results,
         "machine": machine(svc),
         "timestamp": stamp.isoformat(timespec="seconds"),
-        "git_rev": git_rev(),
+        "git_rev": rev_at_start,
         "scale": args.scale,
         "params": cfg,
         "duration_s": round(time.monotonic() - started, 1),
@@ -684,6 +696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "latency_percentiles_ms": rec.latency,
         "detail": rec.extra,
     }
+    rev_at_end = git_rev()
+    if rev_at_end != rev_at_start:  # somebody changed the tree while we measured
+        results["git_rev_at_end"] = rev_at_end
     results["foreign_load_cores"] = foreign_load(rec.extra)
     if skipped:
         results["skipped"] = skipped
