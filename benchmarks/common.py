@@ -64,7 +64,8 @@ class Services:
         return psycopg.connect(self.dsn, autocommit=True, **kw)
 
     def admin(self) -> AdminClient:
-        return AdminClient({"bootstrap.servers": self.bootstrap})
+        # failures surface as exceptions; librdkafka's own log would repeat them every 50 ms
+        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
 
     def producer_config(self, **override: Any) -> dict[str, Any]:
         """Exactly the relay's librdkafka settings (``producer_config``), plus ``override``."""
