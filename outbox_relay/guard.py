@@ -200,8 +200,14 @@ def guard_problems(
 
 
 def _plain(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON-ready rows: numbers, strings, booleans and NULLs as they are, anything else (xids,
+    timestamps) as text. A NULL stays ``None``: a physical slot has no database, an inactive
+    one no ``active_pid``, a unix-socket client no address."""
     return [
-        {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in r.items()}
+        {
+            k: (v if v is None or isinstance(v, int | float | str | bool) else str(v))
+            for k, v in r.items()
+        }
         for r in rows
     ]
 

@@ -55,6 +55,13 @@ def size(conn: psycopg.Connection[Any], rel: str) -> int:
     )
 
 
+def drop_schema(url: str, schema: str) -> None:
+    """Drop a run's schema, also after a failure: a 10M-row table is ~10 GiB of disk."""
+    with psycopg.connect(conninfo(url), autocommit=True) as conn:
+        sql(conn, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        print(f"dropped schema {schema}", file=sys.stderr, flush=True)
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return 0.0
@@ -130,9 +137,17 @@ def load(conn: psycopg.Connection[Any], table: str, rows: int, extra_cols: str =
 def measure_delete(url: str, rows: int) -> dict[str, Any]:
     schema = f"ret_{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "OUTBOX_DATABASE_URL": url, "OUTBOX_SCHEMA": schema}
-    subprocess.run([str(REPO / ".venv/bin/outbox-relay"), "migrate"], env=env, check=True)
     table = f'"{schema}".outbox'
     out: dict[str, Any] = {"schema": schema}
+    try:
+        subprocess.run([str(REPO / ".venv/bin/outbox-relay"), "migrate"], env=env, check=True)
+        _measure_delete(url, rows, schema, table, out)
+    finally:
+        drop_schema(url, schema)
+    return out
+
+
+def _measure_delete(url: str, rows: int, schema: str, table: str, out: dict[str, Any]) -> None:
     with psycopg.connect(conninfo(url), autocommit=True) as conn:
         out["load_s"] = round(load(conn, table, rows), 1)
         # a few pending rows and dead letters among the old ones: never deleted
@@ -225,14 +240,20 @@ def measure_delete(url: str, rows: int) -> dict[str, Any]:
             f" WHERE created_at < now() - interval '36 hours'",
         )[0]
         out["old_pending_kept"], out["old_dead_kept"] = int(left[0]), int(left[1])
-        sql(conn, f'DROP SCHEMA "{schema}" CASCADE')
-    return out
 
 
 def measure_partitions(url: str, rows: int) -> dict[str, Any]:
     schema = f"retp_{uuid.uuid4().hex[:8]}"
     table = f'"{schema}".outbox'
     out: dict[str, Any] = {"schema": schema}
+    try:
+        _measure_partitions(url, rows, schema, table, out)
+    finally:
+        drop_schema(url, schema)
+    return out
+
+
+def _measure_partitions(url: str, rows: int, schema: str, table: str, out: dict[str, Any]) -> None:
     with psycopg.connect(conninfo(url), autocommit=True) as conn:
         sql(conn, f'CREATE SCHEMA "{schema}"')
         # the outbox's columns; a unique key must include the partition key, so the global
@@ -312,8 +333,6 @@ def measure_partitions(url: str, rows: int) -> dict[str, Any]:
             "writer_during": writer.summary("drop", took),
             "size_after_bytes": size(conn, table),
         }
-        sql(conn, f'DROP SCHEMA "{schema}" CASCADE')
-    return out
 
 
 def main() -> None:

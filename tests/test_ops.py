@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -40,6 +42,7 @@ from .conftest import (
     run_cli,
     wait_for,
 )
+from .pg_cluster import APP_PASSWORD, APP_USER, PgCluster, check_binaries, make_root, pg_tool
 
 
 # ---------------------------------------------------------------------- helpers
@@ -662,8 +665,11 @@ def test_horizon_guard_fires_while_a_transaction_is_held_open(
         **env,
     )
     wait_for(lambda: _ready(relay)[0] == 200, 30, "/readyz 200")
-    wait_for(lambda: _metric(relay, "outbox_guard_problem", check="xmin_horizon") == 0.0, 20,
-             "the guard's first check (no problem yet)")
+    wait_for(
+        lambda: _metric(relay, "outbox_guard_problem", check="xmin_horizon") == 0.0,
+        20,
+        "the guard's first check (no problem yet)",
+    )
     holder = psycopg.connect(conninfo(url), autocommit=True, application_name="ops-test-holder")
     pid = holder.info.backend_pid
     try:
@@ -719,6 +725,173 @@ def test_horizon_guard_fires_while_a_transaction_is_held_open(
     wait_for(dead_tuples_warned, 30, "dead tuples warning in status")
     bad = _cli(outbox, "status", code=2, OUTBOX_GUARD_DEAD_TUPLES="-1", **env)
     assert "OUTBOX_GUARD_DEAD_TUPLES" in bad.stderr
+    assert relay.terminate() == 0
+
+
+@dataclass
+class SlotClusters:
+    """A throwaway primary with the outbox migrated in, and a hot standby streaming from it
+    through a physical replication slot with ``hot_standby_feedback=on``."""
+
+    primary: PgCluster
+    standby: PgCluster
+    slot: str
+    url: str
+
+    def slot_row(self) -> dict[str, Any]:
+        with self.primary.admin() as conn:
+            cur = conn.execute(
+                "SELECT active, xmin::text::bigint AS xmin, age(xmin) AS age"
+                " FROM pg_replication_slots WHERE slot_name = %s",
+                (self.slot,),
+            )
+            row = cur.fetchone()
+            assert row is not None, f"slot {self.slot} is gone"
+            return {"active": row[0], "xmin": row[1], "age": row[2]}
+
+
+@pytest.fixture
+def slot_clusters(outbox: Outbox) -> Iterator[SlotClusters]:
+    """Two clusters of the test's own (the shared one's slots and horizon are not ours to touch):
+    a primary and a standby made by ``pg_basebackup -R -S <slot>``; both stopped and their
+    directories removed at teardown, whatever happened."""
+    check_binaries()
+    root = make_root()
+    primary = PgCluster("primary", root)
+    standby = PgCluster("standby", root)
+    slot = "outbox_test_standby"
+    try:
+        primary.initdb()
+        primary.start()
+        primary.wait_ready()
+        with primary.admin() as conn:
+            conn.execute(f"CREATE ROLE {APP_USER} LOGIN SUPERUSER PASSWORD '{APP_PASSWORD}'")
+            conn.execute(f"CREATE DATABASE outbox OWNER {APP_USER}")
+            conn.execute("SELECT pg_create_physical_replication_slot(%s)", (slot,))
+        url = primary.url("outbox")
+        migrate_schema(url, outbox.schema, outbox.shards)
+        pg_tool(
+            "pg_basebackup",
+            "-D",
+            standby.data,
+            "-h",
+            primary.socket_dir,
+            "-p",
+            str(primary.port),
+            "-U",
+            "postgres",
+            "-X",
+            "stream",
+            "-S",
+            slot,
+            "-R",
+            "--checkpoint=fast",
+            "--no-sync",
+        )
+        standby.configure(
+            hot_standby="on", hot_standby_feedback="on", wal_receiver_status_interval="'1s'"
+        )
+        standby.start()
+        standby.wait_ready()
+        clusters = SlotClusters(primary, standby, slot, url)
+        wait_for(
+            lambda: clusters.slot_row()["active"] and clusters.slot_row()["xmin"] is not None,
+            30,
+            "the standby to stream through the slot and report its xmin",
+        )
+        yield clusters
+    finally:
+        standby.stop()
+        primary.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_slot_guard_fires_while_a_standby_holds_the_slot_xmin_and_clears_when_dropped(
+    outbox: Outbox,
+    relay_factory: Callable[..., RelayProcess],
+    slot_clusters: SlotClusters,
+) -> None:
+    c = slot_clusters
+    max_age = 200
+    env = {"OUTBOX_DATABASE_URL": c.url, "OUTBOX_GUARD_SLOT_XMIN_AGE": str(max_age)}
+    relay = relay_factory(OUTBOX_GUARD_INTERVAL="0.2", OUTBOX_GAUGE_INTERVAL="0.2", **env)
+    wait_for(lambda: _ready(relay)[0] == 200, 30, "/readyz 200")
+    # the slot reports an xmin from the start, but a young one: not a problem
+    wait_for(
+        lambda: _metric(relay, "outbox_guard_problem", check="replication_slot") == 0.0,
+        20,
+        "the guard's first check (no problem yet)",
+    )
+    assert c.slot_row()["age"] < max_age
+    writer = c.primary.admin("outbox")
+    writer.execute("CREATE TABLE churn (n int)")
+
+    def write(n: int) -> None:  # one transaction id each: the primary's xmin moves on
+        for i in range(n):
+            writer.execute("INSERT INTO churn VALUES (%s)", (i,))
+
+    reader = c.standby.admin("outbox", application_name="ops-test-standby-reader")
+    try:
+        reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        reader.execute(f'SELECT count(*) FROM "{outbox.schema}".outbox')
+        row = reader.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
+        assert row is not None
+        held = int(row[0]) % 2**32
+
+        def flagged() -> bool:
+            write(25)
+            return _metric(relay, "outbox_guard_problem", check="replication_slot") == 1.0
+
+        wait_for(flagged, 30, "outbox_guard_problem{check=replication_slot} == 1", every=0.2)
+        slot = c.slot_row()
+        assert slot["active"] and slot["xmin"] <= held, (slot, held)
+        assert slot["age"] > max_age
+        # a standby's snapshot is not a transaction in this database: only the slot check fires
+        assert _metric(relay, "outbox_guard_problem", check="xmin_horizon") == 0.0
+        _, body = _ready(relay)
+        assert [w["check"] for w in body["warnings"]] == ["replication_slot"]
+        wait_for(
+            lambda: f"replication slot '{c.slot}' (active)" in relay.output(),
+            10,
+            "a warning naming the slot",
+        )
+
+        st = _status(outbox, **env)
+        (w,) = [w for w in st["warnings"] if w["check"] == "replication_slot"]
+        (d,) = w["detail"]
+        assert d["slot_name"] == c.slot and d["slot_type"] == "physical" and d["active"] is True
+        assert d["xmin_age"] > max_age and d["database"] is None
+        assert f"'{c.slot}' (active) holds the xmin horizon" in w["message"]
+        human = _cli(outbox, "status", **env).stdout
+        assert "WARNINGS" in human
+        assert f"replication_slot: replication slot '{c.slot}' (active)" in human
+    finally:
+        reader.execute("ROLLBACK")
+        reader.close()
+
+    # the standby goes away: the slot keeps its xmin, now inactive (a problem at any age)
+    c.standby.stop(mode="fast")
+    wait_for(lambda: not c.slot_row()["active"], 20, "the slot to become inactive")
+    write(10)
+    st = _status(outbox, **env)
+    (w,) = [w for w in st["warnings"] if w["check"] == "replication_slot"]
+    assert f"'{c.slot}' (INACTIVE)" in w["message"] and w["detail"][0]["active"] is False
+    assert w["detail"][0]["active_pid"] is None
+
+    writer.execute("SELECT pg_drop_replication_slot(%s)", (c.slot,))
+    write(10)
+    wait_for(
+        lambda: (
+            _metric(relay, "outbox_guard_problem", check="replication_slot") == 0.0
+            and not _ready(relay)[1].get("warnings")
+        ),
+        20,
+        "the warning to clear once the slot is dropped",
+    )
+    wait_for(lambda: "replication_slot is fine again" in relay.output(), 10, "an all-clear line")
+    assert not _status(outbox, **env)["warnings"]
+    assert "WARNINGS" not in _cli(outbox, "status", **env).stdout
+    writer.close()
     assert relay.terminate() == 0
 
 
