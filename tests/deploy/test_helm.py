@@ -845,7 +845,7 @@ BAD_VALUES = [
     pytest.param(["relay.bachSize=10"], "bachSize", id="relay-unknown-key"),
     pytest.param(["relay.wakeup=listen"], "wakeup", id="wakeup-bogus"),
     pytest.param(["relay.leases=false"], "replicaCount", id="no-leases-several-replicas"),
-    pytest.param(["relay.rescanInterval=61"], "rescanInterval", id="rescan-interval-too-big"),
+    pytest.param(["relay.rescanInterval=3601"], "rescanInterval", id="rescan-interval-too-big"),
     pytest.param(["relay.keepSent=1"], "keepSent", id="keep-sent-not-bool"),
     pytest.param(["kafka.exactlyOnce=yes"], "exactlyOnce", id="exactly-once-not-bool"),
     pytest.param(["outbox.shards=2048"], "shards", id="shards-too-many"),
