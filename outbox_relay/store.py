@@ -593,7 +593,8 @@ class Store:
         conn: psycopg.Connection[Any],
         ids: Sequence[int],
         epochs: dict[int, int],
-        keep: bool = True,
+        *,
+        keep: bool,
     ) -> int:
         """Record the delivery of ``ids`` where the shard's epoch is still ours: delete the
         rows, or with ``keep`` set their ``sent_at``; count them. Returns rows recorded."""

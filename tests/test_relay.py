@@ -260,10 +260,10 @@ def test_stale_epoch_mark_changes_nothing(outbox: Outbox, engine: Engine) -> Non
         new = store.take_epoch(conn, shard, "new-owner")
         assert new == old + 1
         ids = [r.id for r in rows]
-        assert store.mark_sent(conn, ids, {shard: old}) == 0
+        assert store.mark_sent(conn, ids, {shard: old}, keep=True) == 0
         assert store.mark_failed(conn, [], {shard: old}, 3) == []
         assert outbox.pending() == 10
-        assert store.mark_sent(conn, ids, {shard: new}) == 10
+        assert store.mark_sent(conn, ids, {shard: new}, keep=True) == 10
         assert outbox.pending() == 0
 
 
