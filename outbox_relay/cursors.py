@@ -3,96 +3,110 @@
 Reading every shard from its first pending row each round is simple but slow whenever another
 session holds a transaction open: Postgres can then neither prune the rows the relay already
 published nor their index entries, and each fetch walks all of them again. So the relay reads
-each shard from just past the last row it published (its *cursor*).
+each shard from close behind the last row it published (its *cursor*).
 
 The danger is a row whose id is below a cursor and that becomes visible only later: ids are
 taken at INSERT, rows appear at COMMIT. If the relay stepped over such a row, a later row of the
 same key could be published first, even for an application that writes each key from one
-transaction at a time. The cursors avoid that with the transaction snapshot the fetch itself
-runs under (``pg_current_snapshot()``, in the same REPEATABLE READ transaction):
+transaction at a time. Two rules prevent it:
 
-* every transaction in progress at a fetch is remembered with the cursors as they were *before
-  the previous fetch*: the rows it may commit have ids above those (they were taken after
-  that earlier fetch saw the table), with one fetch of margin for a transaction that took its
-  id just before that snapshot and its transaction id just after;
-* once such a transaction has ended, the next fetch reads each shard from no higher than the
-  cursors it was remembered with, so its rows come out before anything after them.
+* Right before each fetch the relay lists the transactions that hold a transaction id
+  (``pg_stat_activity.backend_xid`` and prepared transactions). ``enqueue`` makes a transaction
+  take its id before its first outbox id, so a transaction that may commit an outbox row the
+  fetch cannot see is either on that list or took its transaction id after the list was read.
+* A transaction first listed at fetch *n* took its ids after fetch *n-2* saw the table; it is
+  remembered with the cursors of that time, and once it is off the list (ended) the next fetch
+  reads each shard from no higher than those. A transaction that got its id after the list was
+  read took its outbox ids after the previous fetch's snapshot, so every fetch reads from the
+  cursor of the fetch *before* the last one (one batch of margin), never from the last one.
+* A remembered transaction may end between the list and the fetch: its rows are then visible
+  but may lie below where the fetch read. The list is read again after the fetch; if such a
+  transaction is gone from it, the fetch is planned and run again before anything is published.
 
 A transaction that stays open for hours (a report, an idle-in-transaction client) thus does not
 hold the cursors back while it runs; when it ends, one fetch reads from where it started.
 Rows made pending again by an UPDATE (replay, a re-queued dead letter) carry
 ``next_attempt_at``, so their shard is read from its start (see :mod:`relay`), and a full scan
-every ``OUTBOX_RESCAN_INTERVAL`` is the safety net for anything else.
+every ``OUTBOX_RESCAN_INTERVAL`` is the safety net for anything else (e.g. rows inserted by
+hand-written SQL as the first write of their transaction).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """``pg_current_snapshot()``: transactions below ``xmin`` have ended, those from ``xmax``
-    on had not started, ``xip`` lists the ones in progress in between."""
-
-    xmin: int
-    xmax: int
-    xip: frozenset[int]
-
-    @classmethod
-    def parse(cls, text: str) -> Snapshot:
-        xmin, xmax, xip = text.split(":")
-        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
-
-    def ended(self, xid: int) -> bool:
-        return xid < self.xmin or (xid < self.xmax and xid not in self.xip)
+from collections.abc import Collection, Iterable, Sequence
 
 
 class FetchCursors:
     """Where to start reading each shard; see the module docstring."""
 
     def __init__(self) -> None:
-        self._cursor: dict[int, int] = {}
-        self._before_previous: dict[int, int] = {}
-        #: in-progress transaction -> the cursors its rows may lie above
+        self._cursor: dict[int, int] = {}  # after the last fetch
+        self._previous: dict[int, int] = {}  # after the fetch before it
+        self._floor: dict[int, int] = {}  # where ended transactions' rows may lie
+        #: running transaction -> the cursors its rows lie above
         self._running: dict[int, dict[int, int]] = {}
 
     def plan(
-        self, snapshot: Snapshot, shards: Sequence[int], from_start: Iterable[int] = ()
+        self, running: Collection[int], shards: Sequence[int], from_start: Iterable[int] = ()
     ) -> list[int]:
-        """The id to read each of ``shards`` from (exclusive; 0 = its first row)."""
-        start = dict(self._cursor)
-        for xid in [x for x in self._running if snapshot.ended(x)]:
+        """The id to read each of ``shards`` from (exclusive; 0 = its first row), given the
+        transaction ids running just before this fetch."""
+        for xid in [x for x in self._running if x not in running]:
             below = self._running.pop(xid)
-            for shard in list(start):
-                start[shard] = min(start[shard], below.get(shard, 0))
-        base = {
-            sh: min(c, self._before_previous.get(sh, 0)) for sh, c in self._cursor.items()
-        }
-        for xid in snapshot.xip:
-            self._running.setdefault(xid, base)
-        self._before_previous = dict(self._cursor)
+            for shard in self._cursor:
+                self._floor[shard] = min(
+                    self._floor.get(shard, below.get(shard, 0)), below.get(shard, 0)
+                )
+        for xid in running:
+            self._running.setdefault(xid, self._previous)
         skip = set(from_start)
-        return [0 if sh in skip else start.get(sh, 0) for sh in shards]
+        return [
+            0 if sh in skip else min(self._previous.get(sh, 0), self._floor.get(sh, 1 << 62))
+            for sh in shards
+        ]
 
-    def advance(self, last_fetched: dict[int, int], held_back: dict[int, int]) -> None:
-        """After a fetch: each shard's last row id, and its lowest row held back (not published
-        this round although fetched), if any."""
-        for shard, top in last_fetched.items():
-            self._cursor[shard] = held_back[shard] - 1 if shard in held_back else top
+    def stale(self, running: Collection[int], shards: Sequence[int], after: Sequence[int]) -> bool:
+        """After a fetch planned with ``after``: has a transaction whose rows may lie below
+        where a shard was read ended meanwhile (it is not in ``running``, listed after the
+        fetch)? Its rows may have been visible to the fetch but not read, while a later row of
+        the same key was: then fetch again (plan again first) before publishing anything."""
+        start = dict(zip(shards, after, strict=True))
+        for xid, below in self._running.items():
+            if xid not in running and any(
+                below.get(sh, 0) < start[sh] for sh in shards if start[sh]
+            ):
+                return True
+        return False
+
+    def advance(
+        self, read: Iterable[int], last_fetched: dict[int, int], held_back: dict[int, int]
+    ) -> None:
+        """After a fetch that read ``read`` shards as planned: each shard's last row id, and its
+        lowest row held back (not published this round although fetched), if any."""
+        previous = dict(self._previous)
+        for shard in read:
+            self._floor.pop(shard, None)
+            if shard in self._cursor:
+                previous[shard] = self._cursor[shard]
+            top = last_fetched.get(shard)
+            if shard in held_back:
+                self._cursor[shard] = held_back[shard] - 1
+            elif top is not None:
+                self._cursor[shard] = top
+        # a new dict: the running transactions keep the one they were first seen with
+        self._previous = previous
 
     def reset(self, shard: int) -> None:
         """Read ``shard`` from its start next time (a row of it was not delivered)."""
         self._cursor.pop(shard, None)
-        self._before_previous.pop(shard, None)
-        for below in self._running.values():
-            below.pop(shard, None)
+        self._floor.pop(shard, None)
+        self._previous = {k: v for k, v in self._previous.items() if k != shard}
 
     def clear(self) -> None:
         """A full scan next time; forget everything (the owned shards changed)."""
         self._cursor.clear()
-        self._before_previous.clear()
+        self._previous = {}
+        self._floor.clear()
         self._running.clear()
 
     @property
@@ -101,5 +115,5 @@ class FetchCursors:
 
     @property
     def tracked(self) -> int:
-        """Transactions remembered as in progress (a gauge for debugging)."""
+        """Transactions remembered as running."""
         return len(self._running)

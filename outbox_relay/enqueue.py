@@ -160,9 +160,17 @@ def build_insert(messages: Sequence[Message]) -> tuple[Insert, list[str]]:
         .render_derived()
     )
     cols = [cast(src.c.headers, JSONB) if n == "headers" else src.c[n] for n in names]
+    # The transaction takes its id before the first row takes its outbox id: a relay's fetch
+    # snapshot then lists it as running whenever it may hold an outbox id that the snapshot
+    # cannot see yet, which is what keeps the fetch cursors from stepping over it (cursors.py).
     stmt = (
         pg_insert(table)
-        .from_select(names, select(*cols).order_by(src.c.n))
+        .from_select(
+            names,
+            select(*cols)
+            .where(func.pg_current_xact_id().is_not(None))
+            .order_by(src.c.n),
+        )
         .on_conflict_do_nothing(index_elements=[table.c.idempotency_key])
         .returning(table.c.id, table.c.idempotency_key)
     )

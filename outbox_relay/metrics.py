@@ -29,6 +29,12 @@ FENCED = Counter(
     "Delivered rows not marked because the shard lease moved on",
     registry=REGISTRY,
 )
+REFETCHES = Counter(
+    "outbox_refetches",
+    "Fetches run again because a transaction that may hold rows below a fetch cursor ended"
+    " while the fetch ran",
+    registry=REGISTRY,
+)
 LAG = Histogram(
     "outbox_end_to_end_lag_seconds",
     "Row created -> sink confirmed",

@@ -82,6 +82,8 @@ class Relay:
         self._next_rebalance = 0.0
         self._idle = False
         self._cursors = FetchCursors()  # where each owned shard's next fetch starts
+        self._read: list[int] = []  # the shards the last fetch read
+        self._last_plan: tuple[int, list[int]] = (0, [])
         self._next_rescan = 0.0
         self.maintenance = Maintenance(settings, self.store, self.state)  # ops: guard.py
 
@@ -339,6 +341,7 @@ class Relay:
             return 0
         rows = self._fetch(shards, max(s.batch_size // len(shards), min(64, s.batch_size)))
         if not rows:
+            self._cursors.advance(shards, {}, {})  # nothing pending from where it read
             return 0
         fetched = rows
         rows = self._in_sequence(rows)
@@ -363,8 +366,7 @@ class Relay:
 
     def _fetch(self, shards: list[int], per_shard: int) -> list[OutboxRow]:
         """Pending rows of the owned shards, each shard read from its cursor (see
-        :mod:`~outbox_relay.cursors`), in one REPEATABLE READ transaction with the snapshot
-        the cursors are planned on.
+        :mod:`~outbox_relay.cursors`).
 
         A shard with rows in retry state is read from its start: once a retrying key's backoff
         ends, its earlier rows must go out before the later ones past the cursor. Every
@@ -376,10 +378,20 @@ class Relay:
         full = now >= self._next_rescan
         if full:
             self._next_rescan = now + s.rescan_interval
-        with self.store.fetch_snapshot(self._work) as snapshot:
-            retrying, blocked = self.store.held(self._work, shards, s.strict_order)
-            after = self._cursors.plan(snapshot, shards, shards if full else retrying)
-            return self.store.fetch(self._work, shards, blocked, per_shard, after)
+        running = self.store.running_xids(self._work)
+        retrying, blocked = self.store.held(self._work, shards, s.strict_order)
+        from_start = shards if full else retrying
+        after = self._cursors.plan(running, shards, from_start)
+        rows = self.store.fetch(self._work, shards, blocked, per_shard, after)
+        if any(after):
+            running = self.store.running_xids(self._work)
+            if self._cursors.stale(running, shards, after):
+                after = self._cursors.plan(running, shards, from_start)
+                rows = self.store.fetch(self._work, shards, blocked, per_shard, after)
+                metrics.REFETCHES.inc()
+        self._read = shards
+        self._last_plan = (len(running), after)
+        return rows
 
     def _advance(self, fetched: Sequence[OutboxRow], kept: Sequence[OutboxRow]) -> None:
         """Move each shard's cursor to its last fetched row, but never past a row that was
@@ -391,7 +403,7 @@ class Relay:
             last[r.shard] = max(last.get(r.shard, 0), r.id)
             if r.id not in kept_ids:
                 held_back[r.shard] = min(held_back.get(r.shard, r.id), r.id)
-        self._cursors.advance(last, held_back)
+        self._cursors.advance(self._read, last, held_back)
 
     def _in_sequence(self, rows: list[OutboxRow]) -> list[OutboxRow]:
         """Keep each sequenced key's rows only in a contiguous run from its lowest pending
@@ -523,6 +535,8 @@ class Relay:
                 "delivered": delivered,
                 "failed": failed,
                 "ms": round((time.monotonic() - started) * 1000, 1),
+                "running_xids": self._last_plan[0],
+                "read_after": self._last_plan[1],
             },
         )
 

@@ -6,10 +6,9 @@ composed once per (schema, table) with properly quoted identifiers.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,6 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from .cursors import Snapshot
 from .errors import OutboxTableMissing, SchemaMismatch
 from .schema import SCHEMA_REVISION, SENT_STATS_BUCKET
 
@@ -85,6 +83,11 @@ class Store:
             "o.shard, o.attempts, o.created_at, o.seq"
         )
         q("meta", "SELECT name, value FROM {meta}")
+        q(
+            "running_xids",
+            "SELECT backend_xid::text::bigint FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
+            " UNION ALL SELECT transaction::text::bigint FROM pg_prepared_xacts",
+        )
         # Rows in retry state (a failed or deferred attempt, a re-queued dead letter, or in
         # strict mode a dead letter) of the owned shards: their shards are read from the start
         # (no cursor), and `blocked` keys must wait (backoff not over, or strict and dead).
@@ -531,20 +534,11 @@ class Store:
         conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     # -- drain
-    @contextlib.contextmanager
-    def fetch_snapshot(self, conn: psycopg.Connection[Any]) -> Iterator[Snapshot]:
-        """A read-only REPEATABLE READ transaction on an autocommit connection: every statement
-        inside sees the snapshot it yields."""
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        try:
-            row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
-            assert row is not None
-            yield Snapshot.parse(str(row[0]))
-        except BaseException:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def running_xids(self, conn: psycopg.Connection[Any]) -> set[int]:
+        """Transaction ids in use right now: sessions' (``backend_xid``, shown to every role)
+        and prepared transactions'."""
+        rows = self._run(conn, "running_xids", {}).fetchall()
+        return {int(r[0]) for r in rows}
 
     def held(
         self, conn: psycopg.Connection[Any], shards: Sequence[int], strict: bool

@@ -1,83 +1,79 @@
-"""Fetch cursors as pure logic: where each shard's next read starts, given snapshots.
-
-The relay tests (`test_relay.py`) run the same logic against real transactions."""
+"""Fetch cursors as pure logic: where each shard's next read starts, given the transactions
+running before each fetch. The relay tests (`test_relay.py`) and the fault suite run the same
+logic against real transactions."""
 
 from __future__ import annotations
 
-from outbox_relay.cursors import FetchCursors, Snapshot
+from outbox_relay.cursors import FetchCursors
+
+SHARDS = [0, 1]
 
 
-def snap(xmin: int, xmax: int, *xip: int) -> Snapshot:
-    return Snapshot(xmin, xmax, frozenset(xip))
+def fetch(c: FetchCursors, running: set[int], tops: dict[int, int]) -> list[int]:
+    """One round: plan, then 'read' up to ``tops``; returns where it read from."""
+    after = c.plan(running, SHARDS)
+    c.advance(SHARDS, tops, {})
+    return after
 
 
-def test_snapshot_parse_and_ended() -> None:
-    s = Snapshot.parse("100:110:102,105")
-    assert s == snap(100, 110, 102, 105)
-    assert Snapshot.parse("7:7:") == snap(7, 7)
-    assert s.ended(99) and s.ended(103) and s.ended(109)
-    assert not s.ended(102) and not s.ended(105) and not s.ended(110) and not s.ended(200)
-
-
-def test_quiet_table_the_cursor_follows_the_last_row() -> None:
+def test_reads_from_the_cursor_of_the_fetch_before_the_last() -> None:
     c = FetchCursors()
-    assert c.plan(snap(10, 10), [0, 1]) == [0, 0]
-    c.advance({0: 50, 1: 40}, {})
-    assert c.plan(snap(11, 11), [0, 1]) == [50, 40]
-    c.advance({0: 90}, {})
-    assert c.plan(snap(12, 12), [0, 1]) == [90, 40]
+    assert fetch(c, set(), {0: 50, 1: 40}) == [0, 0]
+    assert fetch(c, set(), {0: 90, 1: 60}) == [0, 0]  # one fetch of margin
+    assert fetch(c, set(), {0: 120}) == [50, 40]
+    assert fetch(c, set(), {}) == [90, 60]
+    assert fetch(c, set(), {}) == [120, 60]
 
 
-def test_a_transaction_running_at_a_fetch_pulls_the_cursor_back_when_it_ends() -> None:
-    """Its rows were numbered after the fetch *before* the one that first saw it running."""
+def test_a_running_transaction_pulls_the_cursor_back_when_it_ends() -> None:
     c = FetchCursors()
-    c.plan(snap(10, 10), [0])
-    c.advance({0: 100}, {})  # fetch 1: rows up to 100
-    c.plan(snap(20, 21, 20), [0])  # fetch 2 sees xid 20 running (it may hold id 101..)
-    c.advance({0: 200}, {})
-    assert c.plan(snap(20, 22, 20), [0]) == [200]  # still running: the cursor moves on
-    c.advance({0: 300}, {})
-    # xid 20 committed: read from where the cursors stood before the fetch before it appeared
-    assert c.plan(snap(22, 22), [0]) == [0]
-    c.advance({0: 310}, {})
-    assert c.plan(snap(23, 23), [0]) == [310]
-
-
-def test_margin_of_one_fetch_for_an_id_taken_before_the_snapshot() -> None:
-    c = FetchCursors()
-    c.plan(snap(1, 1), [0])
-    c.advance({0: 100}, {})
-    c.plan(snap(2, 2), [0])
-    c.advance({0: 200}, {})
-    c.plan(snap(3, 3), [0])
-    c.advance({0: 300}, {})
-    c.plan(snap(4, 5, 4), [0])  # first seen now: remembered with the cursor before the last fetch
-    c.advance({0: 400}, {})
-    assert c.plan(snap(5, 5), [0]) == [200]
+    fetch(c, set(), {0: 100, 1: 100})
+    fetch(c, set(), {0: 200, 1: 200})
+    assert fetch(c, {7}, {0: 300, 1: 300}) == [100, 100]  # 7 first listed: its rows lie > 100
+    assert fetch(c, {7}, {0: 400, 1: 400}) == [200, 200]  # still running: cursors move on
+    assert fetch(c, {7}, {0: 500, 1: 500}) == [300, 300]
+    assert fetch(c, set(), {0: 600, 1: 600}) == [100, 100]  # 7 ended: read from where it began
+    assert fetch(c, set(), {}) == [500, 500]
+    assert c.tracked == 0
 
 
 def test_a_long_transaction_does_not_hold_the_cursors_back_while_it_runs() -> None:
     c = FetchCursors()
-    c.plan(snap(5, 6, 5), [0])  # xid 5: a report holding the horizon from the start
-    for i in range(1, 50):
-        c.advance({0: 1000 * i}, {})
-        after = c.plan(snap(5, 6 + i, 5, 6 + i), [0])  # and one short writer each round
-        assert after[0] >= 1000 * (i - 2), (i, after)  # short writers pull it back 2 rounds
-    assert c.tracked >= 1
-    c.advance({0: 60_000}, {})
-    assert c.plan(snap(100, 100), [0]) == [0]  # the report ended: one read from the start
-    c.advance({0: 61_000}, {})
-    assert c.plan(snap(101, 101), [0]) == [61_000]
-    assert c.tracked == 0
+    fetch(c, {5}, {0: 1000, 1: 1000})  # xid 5: a report open from the start
+    for i in range(2, 50):
+        after = fetch(c, {5, 100 + i}, {0: 1000 * i, 1: 1000 * i})  # and a short writer each
+        assert after[0] >= 1000 * (i - 3), (i, after)
+    assert fetch(c, {149}, {0: 50_000, 1: 50_000}) == [0, 0]  # the report ended
+    assert fetch(c, set(), {0: 51_000}) == [47_000, 47_000]  # and so did writer 149
+
+
+def test_stale_when_a_remembered_transaction_ends_during_the_fetch() -> None:
+    c = FetchCursors()
+    fetch(c, {9}, {0: 100, 1: 100})  # 9 remembered with cursors 0
+    fetch(c, {9}, {0: 200, 1: 200})
+    after = c.plan({9}, SHARDS)
+    assert after == [100, 100]
+    assert c.stale({9}, SHARDS, after) is False
+    assert c.stale(set(), SHARDS, after) is True  # 9 ended between the list and the fetch
+    assert c.plan(set(), SHARDS) == [0, 0]  # planned again: read from where 9 began
+    # a transaction first listed at this fetch is never stale: its rows lie above the start
+    d = FetchCursors()
+    fetch(d, set(), {0: 100, 1: 100})
+    fetch(d, set(), {0: 200, 1: 200})
+    after = d.plan({11}, SHARDS)
+    assert d.stale(set(), SHARDS, after) is False
 
 
 def test_held_back_rows_reset_and_from_start() -> None:
     c = FetchCursors()
-    c.plan(snap(1, 1), [0, 1, 2])
-    c.advance({0: 100, 1: 100, 2: 100}, {1: 42})  # shard 1: row 42 fetched but held back
-    assert c.plan(snap(2, 2), [0, 1, 2], from_start=[2]) == [100, 41, 0]
-    c.reset(0)
-    assert c.plan(snap(3, 3), [0, 1, 2]) == [0, 41, 100]
+    fetch(c, set(), {0: 100, 1: 100})
+    c.plan(set(), SHARDS)
+    c.advance(SHARDS, {0: 150, 1: 150}, {1: 42})  # shard 1: row 42 fetched but held back
+    c.plan(set(), SHARDS)
+    c.advance(SHARDS, {}, {})
+    assert c.plan(set(), SHARDS, from_start=[0]) == [0, 41]
+    c.reset(1)
+    assert c.plan(set(), SHARDS) == [150, 0]
     c.clear()
     assert not c.active
-    assert c.plan(snap(4, 4), [0, 1, 2]) == [0, 0, 0]
+    assert c.plan(set(), SHARDS) == [0, 0]

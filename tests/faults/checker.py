@@ -1,7 +1,9 @@
 """The queue checker: what was committed vs what the consumer saw.
 
-Ground truth for "committed" is the outbox table itself at the end of a run (a producer whose
-COMMIT raised during a Postgres restart does not know whether it committed; the table does).
+Ground truth for "committed" is the database at the end of a run (a producer whose COMMIT raised
+during a Postgres restart does not know whether it committed; the database does): the
+``committed_log`` a row trigger fills in each producer's transaction (see conftest.py), since the
+relay deletes delivered rows from the outbox.
 Messages rolled back on purpose are recorded by the workload and must never be delivered.
 
 Order is judged per key on the *first* copy of each message: duplicates repeat earlier messages
@@ -58,12 +60,12 @@ def check(
     seconds: float,
     commit_order: dict[str, int] | None = None,
 ) -> Report:
-    """Compare the outbox table (committed) with what was consumed.
+    """Compare what committed with what was consumed.
 
     ``commit_order`` maps a message id to its position in its key's commit order; without it the
     order is the outbox id order (``outbox-id`` header), which is what the relay promises.
     """
-    rows = outbox.sql("SELECT idempotency_key, id, key FROM {t}")
+    rows = outbox.sql(f'SELECT idempotency_key, id, key FROM "{outbox.schema}".committed_log')
     committed = {r[0]: (int(r[1]), r[2]) for r in rows}
     copies: dict[str, int] = defaultdict(int)
     header_keys: dict[str, set[str]] = defaultdict(set)
@@ -80,6 +82,7 @@ def check(
     dup_keys = sorted(k for k, n in copies.items() if n > 1)
     mismatches = sum(1 for k, keys in header_keys.items() if keys != {k})
     violations = 0
+    examples: list[str] = []
     last: dict[str | None, int] = {}
     for mid, key in firsts:
         if mid not in committed or key is None:
@@ -87,6 +90,8 @@ def check(
         rank = commit_order[mid] if commit_order is not None else committed[mid][0]
         if key in last and rank < last[key]:
             violations += 1
+            if len(examples) < 5:
+                examples.append(f"key {key}: {rank} first arrived after {last[key]}")
         last[key] = max(rank, last.get(key, rank))
     return Report(
         scenario=scenario,
@@ -100,6 +105,7 @@ def check(
         duplicate_key_mismatches=mismatches,
         rolled_back=len(rolled_back),
         seconds=round(seconds, 1),
+        extra={"order_violation_examples": examples} if examples else {},
     )
 
 

@@ -11,8 +11,27 @@ from typing import Any
 
 import pytest
 
+from ..conftest import Outbox
+
 RESULTS: list[dict[str, Any]] = []
 OUT = Path(__file__).with_name("last-run.json")
+
+
+@pytest.fixture(autouse=True)
+def committed_log(outbox: Outbox) -> None:
+    """Ground truth of what committed: a row trigger copies every outbox row's identity into
+    ``committed_log`` in the producer's own transaction (so it commits or rolls back with it).
+    The outbox itself cannot be the record: the relay deletes rows once they are delivered."""
+    log = f'"{outbox.schema}".committed_log'
+    fn = f'"{outbox.schema}".log_committed'
+    outbox.sql(f"CREATE TABLE {log} (idempotency_key text PRIMARY KEY, id bigint, key text)")
+    outbox.sql(
+        f"CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" INSERT INTO {log} VALUES (NEW.idempotency_key, NEW.id, NEW.key); RETURN NULL; END $$"
+    )
+    outbox.sql(
+        f"CREATE TRIGGER log_committed AFTER INSERT ON {{t}} FOR EACH ROW EXECUTE FUNCTION {fn}()"
+    )
 
 
 @pytest.fixture
