@@ -26,12 +26,12 @@ from tenacity import Retrying, retry_if_exception_type, stop_any, wait_random_ex
 from tenacity.stop import stop_base
 
 from . import metrics
-from .errors import DatabaseUnavailable, FatalSinkError, OutboxError, ProxyDetected
+from .errors import DatabaseUnavailable, FatalSinkError, OutboxError, ProxyDetected, SinkError
 from .guard import Maintenance
 from .health import RelayState
 from .listener import Listener, Sleeper, Waiter
 from .settings import Settings, redact, relay_conninfo
-from .sinks.base import Outcome, Sink
+from .sinks.base import Outcome, ShardHooks, Sink
 from .store import Failure, OutboxRow, Store
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class Relay:
     ) -> None:
         self.settings = settings
         self.sink = sink
+        #: a sink with per-shard state (exactly-once Kafka) hears of every lease taken and lost
+        self._hooks: ShardHooks | None = sink if isinstance(sink, ShardHooks) else None
         self.store = Store(settings.db_schema, settings.table, settings.namespace)
         self.state = state or RelayState()
         self.state.stuck_after = max(60.0, 10 * settings.poll_interval)
@@ -191,6 +193,7 @@ class Relay:
         self._waiter = None
         if self.epochs:
             log.info("dropped leases of shards %s with the connection", sorted(self.epochs))
+        self._sink_release(sorted(self.epochs))
         self.epochs.clear()
         metrics.SHARDS_OWNED.set(0)
         self.state.owned = ()
@@ -266,11 +269,13 @@ class Relay:
         self._next_rebalance = now + self.settings.rebalance_interval * random.uniform(0.8, 1.2)
         assert self._lease is not None and self._work is not None
         if not self.settings.leases:
-            if not self.epochs:
+            if len(self.epochs) < self.total_shards:
                 for shard in range(self.total_shards):
-                    self.epochs[shard] = self.store.take_epoch(
-                        self._lease, shard, self.settings.relay_name
-                    )
+                    if shard not in self.epochs:
+                        self.epochs[shard] = self.store.take_epoch(
+                            self._lease, shard, self.settings.relay_name
+                        )
+                        self._sink_recover(shard)
                 self._owned_changed()
             return
         self._verify_leases()
@@ -283,6 +288,7 @@ class Relay:
             for shard in extra:
                 self.store.unlock(self._lease, shard)
                 del self.epochs[shard]
+            self._sink_release(extra)
             log.info("released shards %s to %d other relay(s)", extra, live - 1)
             self._owned_changed()
         elif len(owned) < target:
@@ -296,7 +302,8 @@ class Relay:
                     self.epochs[shard] = self.store.take_epoch(
                         self._lease, shard, self.settings.relay_name
                     )
-                    taken.append(shard)
+                    if self._sink_recover(shard):
+                        taken.append(shard)
             if taken:
                 log.info(
                     "took shards %s (now %d of %d)",
@@ -317,8 +324,66 @@ class Relay:
             log.warning("lost the leases of shards %s", sorted(lost))
             for shard in lost:
                 del self.epochs[shard]
+            self._sink_release(sorted(lost))
             self._owned_changed()
         return held
+
+    # ------------------------------------------------------------------ sink shard hooks
+    def _sink_recover(self, shard: int) -> bool:
+        """The lease of ``shard`` was just taken (its epoch bumped): before anything of the shard
+        is published, let a sink with per-shard state recover it, and mark sent the ids it had
+        already delivered. False: the sink cannot take the shard now; the lease is given back."""
+        if self._hooks is None:
+            return True
+        assert self._work is not None
+        try:
+            ids = self._hooks.recover(shard)
+        except FatalSinkError:
+            raise
+        except SinkError as exc:
+            log.warning("shard %d: %s; lease given back, retried at a later rebalance", shard, exc)
+            self._give_back([shard])
+            return False
+        if ids:
+            marked = self.store.mark_sent(self._work, ids, {shard: self.epochs[shard]})
+            log.info(
+                "shard %d: %d of %d ids the sink had already delivered were not marked sent; "
+                "marked now",
+                shard,
+                marked,
+                len(ids),
+            )
+        return True
+
+    def _sink_release(self, shards: Sequence[int]) -> None:
+        if self._hooks is not None:
+            for shard in shards:
+                self._hooks.release(shard)
+
+    def _give_back(self, shards: Sequence[int]) -> None:
+        """Drop the leases of ``shards`` (still held) and tell the sink."""
+        assert self._lease is not None and self._work is not None
+        held = [s for s in shards if s in self.epochs]
+        if self.settings.wakeup == "notify":
+            self.store.set_idle(self._work, held, False)
+        for shard in held:
+            if self.settings.leases:
+                self.store.unlock(self._lease, shard)
+            del self.epochs[shard]
+        self._sink_release(held)
+
+    def _drop_lost_shards(self) -> None:
+        """Give back the shards the sink may no longer publish for (fenced by a new owner, or a
+        commit whose outcome it could not learn); taking one again recovers it."""
+        if self._hooks is None:
+            return
+        lost = sorted(self._hooks.lost_shards() & set(self.epochs))
+        if lost:
+            log.warning("shards %s: the sink can no longer publish for them; leases given back",
+                        lost)
+            self._give_back(lost)
+            self._owned_changed()
+            self._next_rebalance = 0.0  # take them again (and so recover them) soon
 
     def _owned_changed(self) -> None:
         metrics.SHARDS_OWNED.set(len(self.epochs))
@@ -351,6 +416,7 @@ class Relay:
             self.state.sink = False
             raise
         self._record(rows, outcomes, epochs)
+        self._drop_lost_shards()
         if log.isEnabledFor(logging.DEBUG):
             self._log_batch(rows, outcomes, started)
         metrics.BATCH_SIZE.observe(len(rows))
