@@ -346,8 +346,9 @@ class Relay:
             return False
         if ids:
             marked = self.store.mark_sent(self._work, ids, {shard: self.epochs[shard]})
-            log.info(
-                "shard %d: %d of %d ids the sink had already delivered were not marked sent; "
+            log.log(
+                logging.INFO if marked else logging.DEBUG,
+                "shard %d: %d of the %d ids the sink had already delivered were not marked sent; "
                 "marked now",
                 shard,
                 marked,

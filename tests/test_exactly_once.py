@@ -383,7 +383,7 @@ def test_deleted_progress_topic_warns_and_keeps_delivering(
     _enqueue(engine, topic, 100, keys=10, start=100)
     b = relay_factory(**EOS)
     wait_for(lambda: outbox.pending() == 0, 60, "rows sent after the progress topic was lost")
-    assert "was missing and has been created" in b.output()
+    assert "did not exist (first start in exactly-once mode, or deleted)" in b.output()
     got = consume(kafka_bootstrap, topic, expected=200, timeout=30, settle=2)
     copies = _copies(got)
     assert len(copies) == 200 and set(copies.values()) == {1}

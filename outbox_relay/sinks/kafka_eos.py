@@ -202,11 +202,11 @@ class KafkaExactlyOnceSink:
         self._lost.discard(shard)
         if created:
             log.warning(
-                "progress topic %s was missing and has been created: if it was deleted, a batch "
-                "of shard %d committed to Kafka but not marked sent before a takeover is "
-                "published again (at-least-once for that window)",
+                "progress topic %s did not exist (first start in exactly-once mode, or deleted) "
+                "and has been created; if it was deleted, a batch committed to Kafka but not yet "
+                "marked sent when its shard changed hands is published again (at-least-once for "
+                "that window)",
                 self.progress_topic,
-                shard,
             )
             return []
         record = self._last_progress(shard, partition, deadline)
@@ -521,6 +521,7 @@ class KafkaExactlyOnceSink:
                 "group.id": f"{self.transactional_id_prefix}.recovery",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
+                "fetch.wait.max.ms": 10,  # the end of the partition is reported sooner
                 "isolation.level": isolation,
                 "allow.auto.create.topics": False,
                 "logger": logging.getLogger("outbox_relay.librdkafka"),
