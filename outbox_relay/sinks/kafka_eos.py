@@ -37,6 +37,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,7 @@ class KafkaExactlyOnceSink:
         self._lost: set[int] = set()
         self._fatal: KafkaError | None = None
         self._partitions = 0  # of the progress topic, learnt by _ensure_progress_topic
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kafka-txn")
         try:
             self._admin = AdminClient({**self._client, "allow.auto.create.topics": False})
         except (KafkaException, ValueError, TypeError) as exc:
@@ -166,9 +168,12 @@ class KafkaExactlyOnceSink:
             txn = self._begin(shard, state, rows, indexes, outcomes)
             if txn is not None:
                 txns.append(txn)
-        # every shard's messages are on their way; now settle the transactions one by one
-        for txn in txns:
-            self._settle(txn, rows, outcomes, deadline)
+        # every shard's messages are on their way; settle the transactions side by side (each
+        # commit is a round trip to the transaction coordinator; librdkafka waits without the GIL)
+        if len(txns) == 1:
+            self._settle(txns[0], rows, outcomes, deadline)
+        elif txns:
+            list(self._pool.map(lambda t: self._settle(t, rows, outcomes, deadline), txns))
         if self._fatal is not None:
             raise FatalSinkError(f"kafka producer fatal error: {self._fatal.str()}")
         return [o if o is not None else Outcome.skip() for o in outcomes]
@@ -176,6 +181,7 @@ class KafkaExactlyOnceSink:
     def close(self, timeout: float) -> None:
         for shard in list(self._shards):
             self.release(shard)
+        self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------ ShardHooks
     def recover(self, shard: int) -> list[int]:
