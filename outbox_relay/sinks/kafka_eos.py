@@ -123,6 +123,10 @@ class KafkaExactlyOnceSink:
                 "OUTBOX_KAFKA_PROPERTIES: transaction.timeout.ms must be at least "
                 f"OUTBOX_KAFKA_DELIVERY_TIMEOUT ({message_ms} ms)"
             )
+        # A producer's next transaction waits until the coordinator finished the previous one
+        # (it answers CONCURRENT_TRANSACTIONS meanwhile): retrying after 10 ms instead of the
+        # default 100 ms halves a round's latency (librdkafka backs off exponentially from it).
+        self._base.setdefault("retry.backoff.ms", 10)
         self._topic_prefix = settings.kafka_topic_prefix
         self.progress_topic = settings.progress_topic
         self.transactional_id_prefix = settings.transactional_id_prefix
@@ -544,11 +548,18 @@ class KafkaExactlyOnceSink:
         tp = TopicPartition(self.progress_topic, partition)
         probe = self._consumer("read_uncommitted")
         try:
-            low, high = probe.get_watermark_offsets(tp, timeout=10, cached=False)
-        except KafkaException as exc:
-            raise SinkUnavailable(
-                f"cannot read the offsets of {self.progress_topic} [{partition}]: {describe(exc)}"
-            ) from None
+            while True:
+                try:
+                    low, high = probe.get_watermark_offsets(tp, timeout=10, cached=False)
+                    break
+                except KafkaException as exc:
+                    err = _error(exc)  # e.g. no leader yet right after the topic was created
+                    if err is None or not err.retriable() or time.monotonic() >= deadline:
+                        raise SinkUnavailable(
+                            f"cannot read the offsets of {self.progress_topic} [{partition}]: "
+                            f"{describe(exc)}"
+                        ) from None
+                    time.sleep(0.1)
         finally:
             probe.close()
         if high <= low:
