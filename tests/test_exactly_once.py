@@ -390,6 +390,18 @@ def test_deleted_progress_topic_warns_and_keeps_delivering(
     res = ConfigResource("topic", progress_cleanup)
     config = admin.describe_configs([res])[res].result(timeout=10)
     assert config["cleanup.policy"].value == "compact"
+    # deleted while the relay runs: its transactions fail, it recovers its shards (the topic
+    # is created again, by the relay or by the broker's auto-creation), warns, and goes on
+    warnings_before = b.output().count('"level": "warning"')
+    admin.delete_topics([progress_cleanup], operation_timeout=30)[progress_cleanup].result(30)
+    for start in range(200, 400, 20):
+        _enqueue(engine, topic, 20, keys=10, start=start)
+        time.sleep(0.2)
+    wait_for(lambda: outbox.pending() == 0, 90, "rows sent after the topic went away")
+    got = consume(kafka_bootstrap, topic, expected=400, timeout=30, settle=2)
+    assert set(_copies(got)) == {str(r[0]) for r in outbox.sql("SELECT idempotency_key FROM {t}")}
+    assert b.output().count('"level": "warning"') > warnings_before
+    assert b.alive()
     assert b.terminate() == 0
 
 

@@ -21,9 +21,11 @@ with ``isolation.level=read_committed`` sees every message once. What happens wh
   aborted; the refused row fails (an attempt, backoff, later a dead letter), later rows of its key
   are skipped, the other rows are deferred (retried without counting an attempt). Nothing of an
   aborted transaction is visible to ``read_committed`` consumers;
-* the producer is fenced (another relay took the shard) or a commit's outcome cannot be learnt ->
-  the shard is reported by :meth:`lost_shards`; the relay gives its lease back, and whoever takes
-  it next recovers it as above (the relay does not exit);
+* the producer is fenced (another relay took the shard) or hit another fatal error, or a commit's
+  outcome cannot be learnt -> the shard is reported by :meth:`lost_shards`; the relay gives its
+  lease back, and whoever takes it next recovers it as above with a new producer (the relay does
+  not exit; only a recovery whose ``init_transactions`` fails fatally, e.g. not authorised, stops
+  it);
 * the progress topic is missing (deleted) -> it is created again (compacted) with a warning: the
   ids of a batch committed to Kafka but not yet marked at that moment may be published a second
   time (at-least-once, once, for that window).
@@ -49,8 +51,13 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
+
+# the public names; the package's type stubs do not re-export the last two
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+)
 
 from .. import metrics
 from ..errors import ConfigError, FatalSinkError, SinkUnavailable
@@ -86,7 +93,7 @@ def _fenced(err: KafkaError | None) -> bool:
 class _Shard:
     producer: Producer
     partition: int  # of the progress topic
-    fenced: bool = False
+    unusable: bool = False  # fenced, or fatal: only a recovery (a new producer) helps
 
 
 @dataclass
@@ -140,7 +147,6 @@ class KafkaExactlyOnceSink:
         }
         self._shards: dict[int, _Shard] = {}
         self._lost: set[int] = set()
-        self._fatal: KafkaError | None = None
         self._partitions = 0  # of the progress topic, learnt by _ensure_progress_topic
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kafka-txn")
         try:
@@ -165,7 +171,7 @@ class KafkaExactlyOnceSink:
         txns: list[_Txn] = []
         for shard, indexes in by_shard.items():
             state = self._shards.get(shard)
-            if state is None or state.fenced:
+            if state is None or state.unusable:
                 # not recovered here (or fenced): the relay must give the lease back first
                 self._lost.add(shard)
                 continue
@@ -178,8 +184,6 @@ class KafkaExactlyOnceSink:
             self._settle(txns[0], rows, outcomes, deadline)
         elif txns:
             list(self._pool.map(lambda t: self._settle(t, rows, outcomes, deadline), txns))
-        if self._fatal is not None:
-            raise FatalSinkError(f"kafka producer fatal error: {self._fatal.str()}")
         return [o if o is not None else Outcome.skip() for o in outcomes]
 
     def close(self, timeout: float) -> None:
@@ -357,8 +361,8 @@ class KafkaExactlyOnceSink:
             except KafkaException as exc:  # the producer entered a fatal state
                 self._trouble(txn, exc, "flush")
                 return
-        if txn.state.fenced:
-            self._lose(txn, "fenced by a newer producer of the shard")
+        if txn.state.unusable:
+            self._lose(txn, "its producer was fenced by a newer one, or hit another fatal error")
             return
         refused = {i: e for i, e in txn.reports.items() if e is not None}
         if txn.broken is None and len(txn.reports) < expected:
@@ -369,6 +373,9 @@ class KafkaExactlyOnceSink:
         if txn.broken is not None:
             if self._abort(txn, txn.broken):
                 self._aborted(txn, rows, outcomes, txn.broken)
+                if txn.broken.startswith("progress record") or refused.get(-1) is not None:
+                    # the progress topic is gone or changed: a recovery sets it up again
+                    self._lose(txn, f"progress record not written ({txn.broken})")
             return
         while True:
             try:
@@ -383,9 +390,6 @@ class KafkaExactlyOnceSink:
                     reason = f"commit failed: {describe(exc)}"
                     if self._abort(txn, reason):
                         self._aborted(txn, rows, outcomes, reason)
-                    return
-                if err is not None and err.fatal():
-                    self._fatal = err
                     return
                 if err is not None and err.retriable() and time.monotonic() < deadline:
                     time.sleep(0.05)
@@ -413,8 +417,6 @@ class KafkaExactlyOnceSink:
                 if err is not None and err.retriable() and time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
-                if err is not None and err.fatal() and not _fenced(err):
-                    self._fatal = err
                 self._lose(txn, f"abort failed: {describe(exc)}")
                 return False
 
@@ -441,16 +443,12 @@ class KafkaExactlyOnceSink:
     def _lose(self, txn: _Txn, reason: str) -> None:
         """The shard can no longer be published here until recovered: report it to the relay.
         Its rows get no outcome (skipped): whoever recovers the shard learns what committed."""
-        txn.state.fenced = True
+        txn.state.unusable = True
         self._lost.add(txn.shard)
         metrics.KAFKA_TRANSACTIONS.labels("lost").inc()
         log.warning("shard %d: %s; giving the shard up", txn.shard, reason)
 
     def _trouble(self, txn: _Txn, exc: KafkaException, what: str) -> None:
-        err = _error(exc)
-        if err is not None and err.fatal() and not _fenced(err):
-            self._fatal = err
-            return
         self._lose(txn, f"{what} failed: {describe(exc)}")
 
     # ------------------------------------------------------------------ producers
@@ -470,14 +468,11 @@ class KafkaExactlyOnceSink:
 
     def _on_error(self, shard: int) -> Any:
         def on_error(err: KafkaError) -> None:
-            if err.code() in _FENCED:
+            if err.fatal():  # fenced, or a state only a new producer gets out of
                 state = self._shards.get(shard)
                 if state is not None:
-                    state.fenced = True
-                log.warning("shard %d: producer fenced: %s", shard, err.str())
-            elif err.fatal():
-                self._fatal = err
-                log.error("kafka producer of shard %d: fatal error: %s", shard, err.str())
+                    state.unusable = True
+                log.warning("kafka producer of shard %d: fatal error: %s", shard, err.str())
             else:
                 log.debug("kafka client error (shard %d): %s", shard, err.str())
 
@@ -500,6 +495,8 @@ class KafkaExactlyOnceSink:
             found = meta.topics.get(topic)
             if found is not None and found.error is None and found.partitions:
                 self._partitions = len(found.partitions)
+                if not created:
+                    self._check_compacted(deadline)
                 return created
             if time.monotonic() >= deadline:
                 raise SinkUnavailable(f"progress topic {topic} could not be created in time")
@@ -523,6 +520,26 @@ class KafkaExactlyOnceSink:
                 if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     log.info("creating progress topic %s: %s; retrying", topic, describe(exc))
                     time.sleep(0.5)
+
+    def _check_compacted(self, deadline: float) -> None:
+        """Warn (once per recovery) if the progress topic is not compacted: it then grows
+        without bound, and retention may delete a shard's last record (at-least-once then)."""
+        resource = ConfigResource("topic", self.progress_topic)
+        try:
+            future = self._admin.describe_configs([resource])[resource]
+            config = future.result(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
+        except KafkaException as exc:
+            log.info("cannot read the configuration of %s: %s", self.progress_topic, describe(exc))
+            return
+        entry = config.get("cleanup.policy")
+        if entry is not None and "compact" not in str(entry.value):
+            log.warning(
+                "progress topic %s has cleanup.policy=%s, not compact: it grows without bound, "
+                "and retention can delete a shard's last progress record (that shard is then "
+                "at-least-once at its next takeover); set cleanup.policy=compact",
+                self.progress_topic,
+                entry.value,
+            )
 
     def _consumer(self, isolation: str) -> Consumer:
         return Consumer(
