@@ -275,7 +275,8 @@ class Relay:
                         self.epochs[shard] = self.store.take_epoch(
                             self._lease, shard, self.settings.relay_name
                         )
-                        self._sink_recover(shard)
+                        if not self._sink_recover(shard):
+                            break
                 self._owned_changed()
             return
         self._verify_leases()
@@ -302,8 +303,9 @@ class Relay:
                     self.epochs[shard] = self.store.take_epoch(
                         self._lease, shard, self.settings.relay_name
                     )
-                    if self._sink_recover(shard):
-                        taken.append(shard)
+                    if not self._sink_recover(shard):
+                        break  # the sink is in trouble: no more shards this time
+                    taken.append(shard)
             if taken:
                 log.info(
                     "took shards %s (now %d of %d)",
