@@ -14,10 +14,11 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -248,6 +249,52 @@ def test_fenced_sink_publishes_nothing_and_gives_the_shard_up(
     finally:
         old.close(5)
         new.close(5)
+        admin.delete_topics([settings.progress_topic], operation_timeout=10)
+
+
+class _AnswerLost:
+    """A producer whose commits happen on the broker but whose answers never arrive."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+        self.commits = 0
+
+    def commit_transaction(self, timeout: float) -> None:
+        if self.commits == 0:
+            self._producer.commit_transaction(timeout)
+        self.commits += 1
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "answer lost", retriable=True))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+
+def test_commit_of_unknown_outcome_gives_the_shard_up_and_recovery_resolves_it(
+    topic: str, kafka_bootstrap: str, admin: AdminClient
+) -> None:
+    settings = load_settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        kafka_transactional_id_prefix=f"test-eos-{uuid.uuid4().hex[:8]}",
+        shards=2,
+        kafka_delivery_timeout=10,
+    )
+    sink = KafkaExactlyOnceSink(settings)
+    try:
+        assert sink.recover(1) == []
+        state = sink._shards[1]
+        flaky = _AnswerLost(state.producer)
+        state.producer = flaky
+        rows = [_row(i, 1, topic, f"k{i % 2}") for i in range(1, 7)]
+        outcomes = sink.publish(rows, 2)
+        assert flaky.commits > 1, "a retriable commit error is retried until the deadline"
+        assert not any(o.delivered or o.failed for o in outcomes), "no outcome is claimed"
+        assert sink.lost_shards() == {1}
+        # the relay gives the lease back; the next owner's recovery learns the commit happened
+        assert sink.recover(1) == [1, 2, 3, 4, 5, 6]
+        got = consume(kafka_bootstrap, topic, expected=6, timeout=20, settle=2)
+        assert sorted(int(m.headers["outbox-id"]) for m in got) == [1, 2, 3, 4, 5, 6]
+    finally:
+        sink.close(5)
         admin.delete_topics([settings.progress_topic], operation_timeout=10)
 
 
