@@ -464,3 +464,8 @@ def test_exactly_once_needs_the_kafka_sink(outbox: Outbox) -> None:
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "transactional.id" in lines[0], done.stderr
+    env = {**outbox.env, **EOS, "OUTBOX_KAFKA_PROGRESS_TOPIC": "no spaces allowed"}
+    done = run_cli("run", env=env, timeout=30)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "OUTBOX_KAFKA_PROGRESS_TOPIC" in lines[0], done.stderr

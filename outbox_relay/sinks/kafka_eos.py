@@ -203,6 +203,9 @@ class KafkaExactlyOnceSink:
             producer.init_transactions(max(0.1, deadline - time.monotonic()))
         except KafkaException as exc:
             err = _error(exc)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                producer.close()
             if err is not None and err.fatal():
                 raise FatalSinkError(
                     f"shard {shard}: init_transactions for transactional.id "
