@@ -430,16 +430,32 @@ class BenchOutbox:
             )[0][0]
         )
 
+    @property
+    def stats(self) -> str:
+        """The delivery counters the relay writes with every mark (rows deleted or kept)."""
+        return f'"{self.schema}"."{self.table}_sent_stats"'
+
+    def sent_span(self) -> tuple[Any, Any, int]:
+        """First and last delivery the relay recorded, and the rows delivered in all."""
+        first, last, sent = self.sql(
+            f"SELECT min(first_at), max(last_at), coalesce(sum(sent), 0) FROM {self.stats}"
+        )[0]
+        return first, last, int(sent)
+
     def truncate(self) -> None:
-        self.sql(f'TRUNCATE {self.t}, "{self.schema}".orders')
+        self.sql(f'TRUNCATE {self.t}, "{self.schema}".orders, {self.stats}')
 
     def checkpoint(self) -> None:
         self.sql("CHECKPOINT")
 
-    def wait_drained(self, relay: RelayProcess, timeout: float, every: float = 0.1) -> float:
-        """Wait until nothing is pending; returns the time waited."""
+    def wait_drained(
+        self, relay: RelayProcess, timeout: float, every: float = 0.1, sent: int | None = None
+    ) -> float:
+        """Wait until nothing is pending (or, given ``sent``, until the relay's counters say
+        that many rows were delivered: a cheap query, where looking for pending rows walks
+        the dead entries of every deleted row); returns the time waited."""
         t0 = time.monotonic()
-        while self.any_pending():
+        while (self.sent_span()[2] < sent) if sent is not None else self.any_pending():
             relay.check_alive()
             if time.monotonic() - t0 > timeout:
                 raise BenchError(

@@ -10,7 +10,7 @@ receiver, the same concurrency, measured in the same run.
   used directly, which is what the sink does;
 * relay: ``outbox-relay run`` with ``OUTBOX_SINK=webhook`` and the same concurrency drains a
   pre-filled backlog (COPY, as ``drain.py``), signing every message; the clock starts when the
-  relay has taken every shard and stops at the last ``sent_at`` it wrote (both Postgres' clock),
+  relay has taken every shard and stops at the last delivery it recorded (both Postgres' clock),
   so it counts fetch, sign, POST and mark, not process start-up.
 
 ``python -m benchmarks.webhook_bench [small|full]`` prints the result as JSON.
@@ -218,7 +218,8 @@ def relay_deliveries(box: BenchOutbox, url: str, bodies: list[bytes], n: int, lo
         cores = (_cpu_seconds(relay.pid) - cpu0) / (time.monotonic() - wall0)
         ready_at, last_sent, failed = box.sql(
             f'SELECT (SELECT max(acquired_at) FROM "{box.schema}"."{box.table}_shards"),'
-            " max(sent_at), count(*) FILTER (WHERE attempts > 0) FROM {t}"
+            f" (SELECT max(last_at) FROM {box.stats}), count(*) FILTER (WHERE attempts > 0)"
+            " FROM {t}"
         )[0]
     finally:
         code = relay.stop()

@@ -709,6 +709,11 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     if found.dead:
         left.append(f"{found.dead} dead letter(s)")
     note = f"; left alone: {', '.join(left)}" if left else ""
+    if not found.sent and not settings.keep_sent:
+        note += (
+            "; delivered rows are deleted unless the relays run with OUTBOX_KEEP_SENT=true,"
+            " so only rows kept that way can be replayed"
+        )
     span = f" (ids {found.first_id}..{found.last_id})" if found.sent else ""
     if args.dry_run:
         print(f"would replay {found.sent} sent message(s) of {args.topic}{span}{note}")

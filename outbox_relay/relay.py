@@ -26,6 +26,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_any, wait_random_ex
 from tenacity.stop import stop_base
 
 from . import metrics
+from .cursors import FetchCursors
 from .errors import DatabaseUnavailable, FatalSinkError, OutboxError, ProxyDetected, SinkError
 from .guard import Maintenance
 from .health import RelayState
@@ -82,6 +83,8 @@ class Relay:
         self._waiter: Waiter | None = None
         self._next_rebalance = 0.0
         self._idle = False
+        self._cursors = FetchCursors()  # where each owned shard's next fetch starts
+        self._next_rescan = 0.0
         self.maintenance = Maintenance(settings, self.store, self.state)  # ops: guard.py
 
     # ------------------------------------------------------------------ lifecycle
@@ -347,7 +350,9 @@ class Relay:
             self._give_back([shard])
             return False
         if ids:
-            marked = self.store.mark_sent(self._work, ids, {shard: self.epochs[shard]})
+            marked = self.store.mark_sent(
+                self._work, ids, {shard: self.epochs[shard]}, keep=self.settings.keep_sent
+            )
             log.log(
                 logging.INFO if marked else logging.DEBUG,
                 "shard %d: %d of the %d ids the sink had already delivered were not marked sent; "
@@ -389,6 +394,7 @@ class Relay:
             self._next_rebalance = 0.0  # take them again (and so recover them) soon
 
     def _owned_changed(self) -> None:
+        self._cursors.clear()
         metrics.SHARDS_OWNED.set(len(self.epochs))
         self.state.owned = tuple(sorted(self.epochs))
 
@@ -401,15 +407,15 @@ class Relay:
         shards = sorted(self.epochs)
         if not shards:
             return 0
-        blocked = self.store.blocked_keys(self._work, shards, s.strict_order)
-        per_shard = max(s.batch_size // len(shards), min(64, s.batch_size))
-        rows = self.store.fetch(self._work, shards, blocked, per_shard)
+        rows = self._fetch(shards, max(s.batch_size // len(shards), min(64, s.batch_size)))
         if not rows:
             return 0
+        fetched = rows
         rows = self._in_sequence(rows)
         held = self._verify_leases()  # confirm the lease right before publishing
         epochs = {sh: e for sh, e in self.epochs.items() if sh in held}
         rows = [r for r in rows if r.shard in epochs]
+        self._advance(fetched, rows)
         if not rows:
             return 0
         timeout = s.kafka_delivery_timeout + 5.0
@@ -425,6 +431,38 @@ class Relay:
         metrics.BATCH_SIZE.observe(len(rows))
         metrics.BATCH_SECONDS.observe(time.monotonic() - started)
         return len(rows)
+
+    def _fetch(self, shards: list[int], per_shard: int) -> list[OutboxRow]:
+        """Pending rows of the owned shards, each shard read from its cursor (see
+        :mod:`~outbox_relay.cursors`), in one REPEATABLE READ transaction with the snapshot
+        the cursors are planned on.
+
+        A shard with rows in retry state is read from its start: once a retrying key's backoff
+        ends, its earlier rows must go out before the later ones past the cursor. Every
+        ``OUTBOX_RESCAN_INTERVAL`` every shard is read from its start (the safety net).
+        """
+        assert self._work is not None
+        s = self.settings
+        now = time.monotonic()
+        full = now >= self._next_rescan
+        if full:
+            self._next_rescan = now + s.rescan_interval
+        with self.store.fetch_snapshot(self._work) as snapshot:
+            retrying, blocked = self.store.held(self._work, shards, s.strict_order)
+            after = self._cursors.plan(snapshot, shards, shards if full else retrying)
+            return self.store.fetch(self._work, shards, blocked, per_shard, after)
+
+    def _advance(self, fetched: Sequence[OutboxRow], kept: Sequence[OutboxRow]) -> None:
+        """Move each shard's cursor to its last fetched row, but never past a row that was
+        fetched and held back (not contiguous in its key's sequence, or a lease just lost)."""
+        kept_ids = {r.id for r in kept}
+        last: dict[int, int] = {}
+        held_back: dict[int, int] = {}
+        for r in fetched:
+            last[r.shard] = max(last.get(r.shard, 0), r.id)
+            if r.id not in kept_ids:
+                held_back[r.shard] = min(held_back.get(r.shard, r.id), r.id)
+        self._cursors.advance(last, held_back)
 
     def _in_sequence(self, rows: list[OutboxRow]) -> list[OutboxRow]:
         """Keep each sequenced key's rows only in a contiguous run from its lowest pending
@@ -478,8 +516,13 @@ class Relay:
         if deferred:
             self.store.mark_deferred(self._work, deferred, epochs)
         self.state.sink = bool(delivered) or not (failures or deferred)
+        for r, o in zip(rows, outcomes, strict=True):
+            if not o.delivered:  # read its shard from the start again (see _fetch)
+                self._cursors.reset(r.shard)
         if delivered:
-            marked = self.store.mark_sent(self._work, [r.id for r in delivered], epochs)
+            marked = self.store.mark_sent(
+                self._work, [r.id for r in delivered], epochs, keep=s.keep_sent
+            )
             if marked < len(delivered):
                 # Another relay took a shard over between publish and mark: its epoch fenced us
                 # out; it will publish those rows again (same idempotency keys).

@@ -112,6 +112,8 @@ class Retention:
             or (first_created is not None and first_created >= run.cutoff)
         ):
             run.done = True
+            # the delivery counters of `status` live as long as sent rows, an hour at least
+            self.store.prune_sent_stats(conn, max(self.retention, 3600.0))
         else:
             run.after = int(res["last_id"])
 

@@ -6,7 +6,10 @@
 * ``<table>_wakeup``  -- UNLOGGED, one row per shard: ``idle`` is true while the owning relay
   sleeps. The NOTIFY trigger fires only while some relay is idle, so a busy relay costs
   producers no NOTIFY (which serialises commits on a global lock);
-* ``<table>_meta``    -- key/value facts fixed at creation: shard count, schema revision.
+* ``<table>_meta``    -- key/value facts fixed at creation: shard count, schema revision;
+* ``<table>_keyseq``  -- (version 2) per-(topic, key) sequence counters;
+* ``<table>_sent_stats`` -- (version 3) rows delivered per 10-second bucket, with the first and
+  last delivery time: what ``status`` reports, whether sent rows are kept or deleted.
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.schema import CreateIndex, CreateTable, DDLElement
 
 #: Revision identifier the migrations write into ``<table>_meta`` at head.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 #: Schema versions: 1 = the outbox and its companions; 2 = per-key sequences in commit order
-#: (``seq`` column, ``<table>_keyseq`` counters, deferred sequencing trigger).
-LATEST = 2
+#: (``seq`` column, ``<table>_keyseq`` counters, deferred sequencing trigger); 3 = delivery
+#: counters (``<table>_sent_stats``), so rows can be deleted when sent and still be counted.
+LATEST = 3
+#: Width of one ``<table>_sent_stats`` bucket, in seconds.
+SENT_STATS_BUCKET = 10
 
 #: Storage parameters of the outbox: room for in-page updates when rows are marked sent, and
 #: autovacuum tuned for a table whose rows are all short-lived.
@@ -73,6 +79,7 @@ class OutboxTables:
     wakeup: Table
     meta: Table
     keyseq: Table | None = None
+    sent_stats: Table | None = None
 
     @property
     def schema(self) -> str:
@@ -80,7 +87,7 @@ class OutboxTables:
 
     @property
     def names(self) -> tuple[str, ...]:
-        tables = (self.outbox, self.shards, self.wakeup, self.meta, self.keyseq)
+        tables = (self.outbox, self.shards, self.wakeup, self.meta, self.keyseq, self.sent_stats)
         return tuple(t.name for t in tables if t is not None)
 
     @property
@@ -179,7 +186,17 @@ def build_tables(
             Column("key", Text, primary_key=True),
             Column("last_seq", BigInteger, nullable=False),
         )
-    return OutboxTables(md, outbox, shard_table, wakeup, meta, keyseq)
+    sent_stats = None
+    if version >= 3:
+        sent_stats = Table(
+            f"{table}_sent_stats",
+            md,
+            Column("bucket", DateTime(timezone=True), primary_key=True),
+            Column("sent", BigInteger, nullable=False),
+            Column("first_at", DateTime(timezone=True), nullable=False),
+            Column("last_at", DateTime(timezone=True), nullable=False),
+        )
+    return OutboxTables(md, outbox, shard_table, wakeup, meta, keyseq, sent_stats)
 
 
 @lru_cache(maxsize=16)
@@ -287,6 +304,27 @@ def unsequence_statements(tables: OutboxTables) -> list[str]:
         f"DROP INDEX IF EXISTS {q(tables.outbox.name + '_unsequenced_idx')}",
         f"ALTER TABLE {q(tables.outbox.name)} DROP COLUMN IF EXISTS seq",
         f"UPDATE {q(tables.meta.name)} SET value = '0001' WHERE name = 'revision'",
+    ]
+
+
+def sent_stats_statements(tables: OutboxTables) -> list[str]:
+    """DDL of version 3: the delivery counters, one row per 10-second bucket."""
+    assert tables.sent_stats is not None
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    create = str(CreateTable(tables.sent_stats).compile(dialect=dialect)).strip()
+    return [
+        create,
+        f"UPDATE {tables.qualified(tables.meta.name)} SET value = '0003' WHERE name = 'revision'",
+    ]
+
+
+def unsent_stats_statements(tables: OutboxTables) -> list[str]:
+    """Undo :func:`sent_stats_statements`."""
+    assert tables.sent_stats is not None
+    q = tables.qualified
+    return [
+        f"DROP TABLE IF EXISTS {q(tables.sent_stats.name)}",
+        f"UPDATE {q(tables.meta.name)} SET value = '0002' WHERE name = 'revision'",
     ]
 
 

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     retry_backoff_base: float = Field(default=0.5, gt=0)
     retry_backoff_max: float = Field(default=300.0, gt=0)
     strict_order: bool = False
+    #: keep delivered rows (``sent_at`` set) for ``retention`` so they can be replayed; false
+    #: (the default) deletes each row in the statement that records its delivery
+    keep_sent: bool = False
+    #: seconds between full scans of the owned shards (a safety net); in between, the relay
+    #: reads each shard from a cursor that never steps over a running transaction's rows
+    rescan_interval: float = Field(default=5.0, gt=0, le=3600)
     shutdown_timeout: float = Field(default=30.0, gt=0)
     http_port: int = Field(default=8080, ge=0, le=65535)
     http_host: str = "0.0.0.0"
@@ -97,7 +103,8 @@ class Settings(BaseSettings):
     # -- operations (docs/operations.md); durations take 90, 90s, 15m, 24h or 7d
     #: log lines as JSON (``json``), readable (``text``), or JSON unless stderr is a TTY (``auto``)
     log_format: Literal["auto", "json", "text"] = "auto"
-    #: sent rows older than this are deleted in small batches; 0 keeps them forever
+    #: with ``keep_sent``: sent rows older than this are deleted in small batches; 0 keeps them
+    #: forever. Also how long the delivery counters of ``status`` are kept (at least an hour)
     retention: float = Field(default=86_400.0, ge=0)
     #: rows per retention DELETE statement (each statement is its own short transaction)
     retention_batch: int = Field(default=5000, ge=1, le=100_000)

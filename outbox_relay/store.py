@@ -6,9 +6,10 @@ composed once per (schema, table) with properly quoted identifiers.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from .cursors import Snapshot
 from .errors import OutboxTableMissing, SchemaMismatch
-from .schema import SCHEMA_REVISION
+from .schema import SCHEMA_REVISION, SENT_STATS_BUCKET
 
 #: Second advisory-lock key of the shared "relay present" lock every relay holds.
 PRESENCE_KEY = 1_000_000
@@ -69,11 +71,12 @@ class Store:
         shards = ident(f"{table}_shards")
         wakeup = ident(f"{table}_wakeup")
         meta = ident(f"{table}_meta")
+        stats = ident(f"{table}_sent_stats")
         self._q: dict[str, sql.Composed] = {}
 
         def q(name: str, text: str, **extra: Any) -> None:
             self._q[name] = sql.SQL(text).format(
-                t=t, shards=shards, wakeup=wakeup, meta=meta, **extra
+                t=t, shards=shards, wakeup=wakeup, meta=meta, stats=stats, **extra
             )
 
         # headers as text: most rows have none ('{}'), and parsing is skipped for those
@@ -82,20 +85,25 @@ class Store:
             "o.shard, o.attempts, o.created_at, o.seq"
         )
         q("meta", "SELECT name, value FROM {meta}")
-        # Keys that must wait: an earlier row of theirs is in backoff, or (strict) dead.
+        # Rows in retry state (a failed or deferred attempt, a re-queued dead letter, or in
+        # strict mode a dead letter) of the owned shards: their shards are read from the start
+        # (no cursor), and `blocked` keys must wait (backoff not over, or strict and dead).
         q(
-            "blocked_keys",
-            "SELECT DISTINCT key FROM {t} WHERE shard = ANY(%(shards)s) AND sent_at IS NULL"
-            " AND (next_attempt_at IS NOT NULL OR dead_at IS NOT NULL) AND key IS NOT NULL"
-            " AND ((dead_at IS NULL AND next_attempt_at > now())"
-            "      OR (%(strict)s AND dead_at IS NOT NULL))",
+            "held",
+            "SELECT DISTINCT shard, key, (dead_at IS NULL AND next_attempt_at > now())"
+            "   OR (%(strict)s AND dead_at IS NOT NULL) AS blocked"
+            " FROM {t} WHERE shard = ANY(%(shards)s) AND sent_at IS NULL"
+            " AND (next_attempt_at IS NOT NULL OR dead_at IS NOT NULL)"
+            " AND (dead_at IS NULL OR %(strict)s)",
         )
-        # One round trip, up to `limit` pending rows per owned shard, each in id order.
+        # One round trip, up to `limit` pending rows per owned shard, each in id order, each
+        # shard from just past its cursor (`after`; 0 reads the shard from its first row).
         q(
             "fetch",
-            "SELECT " + cols + " FROM unnest(%(shards)s::smallint[]) AS s(shard)"
+            "SELECT " + cols + " FROM unnest(%(shards)s::smallint[], %(after)s::bigint[])"
+            " AS s(shard, after)"
             " CROSS JOIN LATERAL (SELECT * FROM {t} p WHERE p.shard = s.shard"
-            "   AND p.sent_at IS NULL AND p.dead_at IS NULL"
+            "   AND p.id > s.after AND p.sent_at IS NULL AND p.dead_at IS NULL"
             "   AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= now())"
             "   AND (p.key IS NULL OR p.key <> ALL(%(blocked)s::text[]))"
             "   ORDER BY p.id LIMIT %(limit)s) AS o ORDER BY o.id",
@@ -118,11 +126,29 @@ class Store:
             " JOIN unnest(%(lease_shards)s::smallint[], %(epochs)s::bigint[]) AS l(shard, epoch)"
             " ON sh.shard = l.shard AND sh.epoch = l.epoch FOR SHARE OF sh) AS v) "
         )
+        # Delivered rows are deleted (or, keeping sent rows, get sent_at) and counted in the
+        # current 10-second bucket of the delivery counters, in one statement.
+        count_sent = (
+            " INSERT INTO {stats} AS st (bucket, sent, first_at, last_at)"
+            " SELECT to_timestamp(floor(extract(epoch FROM now()) / {bucket}) * {bucket}),"
+            "   count(*), now(), now() FROM done HAVING count(*) > 0"
+            " ON CONFLICT (bucket) DO UPDATE SET sent = st.sent + excluded.sent,"
+            "   last_at = greatest(st.last_at, excluded.last_at)"
+            " RETURNING (SELECT count(*) FROM done)"
+        )
         q(
             "mark_sent",
-            lease + "UPDATE {t} o SET sent_at = now() FROM ok"
+            lease + ", done AS (UPDATE {t} o SET sent_at = now() FROM ok"
             " WHERE o.id = ANY(%(ids)s::bigint[]) AND o.shard = ANY(ok.shards)"
-            " AND o.sent_at IS NULL",
+            " AND o.sent_at IS NULL RETURNING 1)" + count_sent,
+            bucket=sql.Literal(SENT_STATS_BUCKET),
+        )
+        q(
+            "delete_sent",
+            lease + ", done AS (DELETE FROM {t} o USING ok"
+            " WHERE o.id = ANY(%(ids)s::bigint[]) AND o.shard = ANY(ok.shards)"
+            " AND o.sent_at IS NULL RETURNING 1)" + count_sent,
+            bucket=sql.Literal(SENT_STATS_BUCKET),
         )
         q(
             "mark_failed",
@@ -166,7 +192,7 @@ class Store:
         )
         q(
             "retry_dead",
-            "UPDATE {t} SET dead_at = NULL, attempts = 0, next_attempt_at = NULL"
+            "UPDATE {t} SET dead_at = NULL, attempts = 0, next_attempt_at = now()"
             " WHERE dead_at IS NOT NULL AND sent_at IS NULL"
             " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))"
             " AND (%(topic)s::text IS NULL OR topic = %(topic)s) RETURNING id",
@@ -185,9 +211,9 @@ class Store:
             "counts",
             "SELECT (SELECT count(*) FROM {t} WHERE dead_at IS NOT NULL AND sent_at IS NULL)"
             "   AS dead_letters,"
-            " (SELECT count(*) FROM {t} WHERE sent_at > now() - interval '1 minute'"
-            "   AND dead_at IS NULL)"
-            "   AS sent_last_minute,"
+            " (SELECT coalesce(sum(sent), 0) FROM {stats}"
+            "   WHERE bucket > now() - interval '1 minute') AS sent_last_minute,"
+            " (SELECT max(last_at) FROM {stats}) AS last_sent_at,"
             " (SELECT extract(epoch FROM now() - min(created_at)) FROM {t}"
             "   WHERE sent_at IS NULL AND dead_at IS NULL) AS oldest_pending_s",
         )
@@ -316,6 +342,12 @@ class Store:
         # -- retention: sent rows older than the cutoff, a window of ids at a time
         q("retention_cutoff", "SELECT now() - %(secs)s * interval '1 second'")
         q(
+            "prune_sent_stats",
+            "DELETE FROM {stats} WHERE bucket < now() - %(secs)s * interval '1 second'",
+        )
+        # when the relay last recorded deliveries (the delivery counters), for benchmarks/tests
+        q("sent_span", "SELECT min(first_at), max(last_at), coalesce(sum(sent), 0) FROM {stats}")
+        q(
             "retention_count",
             "SELECT count(*) AS rows, min(id) AS first_id, max(id) AS last_id FROM {t}"
             " WHERE sent_at < %(cutoff)s AND dead_at IS NULL",
@@ -365,7 +397,7 @@ class Store:
             "   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
             "   AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s)"
             "   ORDER BY id LIMIT %(limit)s),"
-            " upd AS (UPDATE {t} o SET sent_at = NULL, attempts = 0, next_attempt_at = NULL,"
+            " upd AS (UPDATE {t} o SET sent_at = NULL, attempts = 0, next_attempt_at = now(),"
             "   last_error = NULL,"
             "   headers = o.headers || jsonb_build_object(%(header)s::text, %(marker)s::text)"
             "   FROM sel WHERE o.id = sel.id AND o.sent_at IS NOT NULL AND o.dead_at IS NULL"
@@ -499,11 +531,28 @@ class Store:
         conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     # -- drain
-    def blocked_keys(
+    @contextlib.contextmanager
+    def fetch_snapshot(self, conn: psycopg.Connection[Any]) -> Iterator[Snapshot]:
+        """A read-only REPEATABLE READ transaction on an autocommit connection: every statement
+        inside sees the snapshot it yields."""
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        try:
+            row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+            assert row is not None
+            yield Snapshot.parse(str(row[0]))
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def held(
         self, conn: psycopg.Connection[Any], shards: Sequence[int], strict: bool
-    ) -> list[str]:
-        rows = self._run(conn, "blocked_keys", {"shards": list(shards), "strict": strict})
-        return [str(r[0]) for r in rows.fetchall()]
+    ) -> tuple[set[int], list[str]]:
+        """Shards with rows in retry state (to be read from their start), and the keys that
+        must wait (backoff not over, or dead under strict order)."""
+        rows = self._run(conn, "held", {"shards": list(shards), "strict": strict}).fetchall()
+        return {int(r[0]) for r in rows}, sorted({str(r[1]) for r in rows if r[2] and r[1]})
 
     def fetch(
         self,
@@ -511,11 +560,18 @@ class Store:
         shards: Sequence[int],
         blocked: Sequence[str],
         limit: int,
+        after: Sequence[int] | None = None,
     ) -> list[OutboxRow]:
+        """Up to ``limit`` pending rows per shard in id order, each shard past ``after``."""
         # binary: payloads arrive as raw bytes instead of hex text (half the bytes, no decoding)
         cur = conn.execute(
             self._q["fetch"],
-            {"shards": list(shards), "blocked": list(blocked), "limit": limit},
+            {
+                "shards": list(shards),
+                "after": list(after) if after is not None else [0] * len(shards),
+                "blocked": list(blocked),
+                "limit": limit,
+            },
             prepare=True,
             binary=True,
         )
@@ -533,13 +589,20 @@ class Store:
         return {(str(r[0]), str(r[1])): int(r[2]) for r in rows if r[2] is not None}
 
     def mark_sent(
-        self, conn: psycopg.Connection[Any], ids: Sequence[int], epochs: dict[int, int]
+        self,
+        conn: psycopg.Connection[Any],
+        ids: Sequence[int],
+        epochs: dict[int, int],
+        *,
+        keep: bool,
     ) -> int:
-        """Mark ``ids`` sent where the shard's epoch is still ours; returns rows changed."""
+        """Record the delivery of ``ids`` where the shard's epoch is still ours: delete the
+        rows, or with ``keep`` set their ``sent_at``; count them. Returns rows recorded."""
         if not ids:
             return 0
-        cur = self._run(conn, "mark_sent", {"ids": list(ids), **_lease_params(epochs)})
-        return int(cur.rowcount)
+        name = "mark_sent" if keep else "delete_sent"
+        row = self._run(conn, name, {"ids": list(ids), **_lease_params(epochs)}).fetchone()
+        return int(row[0]) if row else 0
 
     def mark_failed(
         self,
@@ -679,6 +742,17 @@ class Store:
         return self._dicts(conn, "slot_holders", {"max_age": max_age})
 
     # -- retention (autocommit: every statement is its own short transaction)
+    def prune_sent_stats(self, conn: psycopg.Connection[Any], seconds: float) -> None:
+        self._run(conn, "prune_sent_stats", {"secs": seconds})
+
+    def sent_span(
+        self, conn: psycopg.Connection[Any]
+    ) -> tuple[dt.datetime | None, dt.datetime | None, int]:
+        """First and last delivery recorded in the counters, and how many rows in all."""
+        row = self._run(conn, "sent_span", {}).fetchone()
+        assert row is not None
+        return row[0], row[1], int(row[2])
+
     def retention_cutoff(self, conn: psycopg.Connection[Any], seconds: float) -> dt.datetime:
         row = self._run(conn, "retention_cutoff", {"secs": seconds}).fetchone()
         assert row is not None

@@ -476,7 +476,7 @@ def test_kafka_consumer_applies_each_message_once_across_redelivery_and_replay(
         with Session(engine) as s, s.begin():
             enqueue_many(s, msgs[chunk:chunk + 10])
     n = len(msgs)
-    relay_factory()
+    relay_factory(OUTBOX_KEEP_SENT="true")  # step 3 makes sent rows pending again
     group = f"inbox-{uuid.uuid4().hex}"
 
     # 1. a consumer processes everything but "crashes" before committing any offset
@@ -551,7 +551,8 @@ def test_webhook_receiver_applies_each_message_once(
         with Session(engine) as s, s.begin():
             enqueue_many(s, msgs)
         relay_factory(OUTBOX_SINK="webhook", OUTBOX_WEBHOOK_URL=receiver.url(),
-                      OUTBOX_WEBHOOK_SECRET=secret, OUTBOX_WEBHOOK_ALLOW_PRIVATE="true")
+                      OUTBOX_WEBHOOK_SECRET=secret, OUTBOX_WEBHOOK_ALLOW_PRIVATE="true",
+                      OUTBOX_KEEP_SENT="true")
         wait_for(lambda: results.count(True) == 15 and outbox.pending() == 0, 60, "delivery")
         outbox.sql("UPDATE {t} SET sent_at = NULL")  # the relay delivers everything again
         wait_for(lambda: len(results) >= 30 and outbox.pending() == 0, 60, "redelivery")

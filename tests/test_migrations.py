@@ -80,7 +80,9 @@ def functions(url: str, schema: str) -> set[str]:
     }
 
 
-OUTBOX_TABLES = {"outbox", "outbox_shards", "outbox_wakeup", "outbox_meta", "outbox_keyseq"}
+OUTBOX_TABLES = {
+    "outbox", "outbox_shards", "outbox_wakeup", "outbox_meta", "outbox_keyseq", "outbox_sent_stats",
+}
 OUTBOX_INDEXES = {
     "outbox_pending_idx", "outbox_held_idx", "outbox_dead_idx", "outbox_unsequenced_idx",
     "outbox_seq_pending_idx",
@@ -126,7 +128,7 @@ def test_migrate_creates_the_outbox_and_is_idempotent(db_url: str, schema: str) 
     assert triggers(db_url, schema) == {"outbox_notify", "outbox_assign_seq"}
     assert "outbox_notify" in functions(db_url, schema)
     meta = dict(sql(db_url, f'SELECT name, value FROM "{schema}".outbox_meta'))
-    assert meta == {"shards": "5", "revision": "0002", "channel": f"outbox_relay.{schema}.outbox"}
+    assert meta == {"shards": "5", "revision": "0003", "channel": f"outbox_relay.{schema}.outbox"}
     shard_rows = sql(db_url, f'SELECT shard FROM "{schema}".outbox_shards ORDER BY shard')
     assert [r[0] for r in shard_rows] == [0, 1, 2, 3, 4]
     wake_rows = sql(db_url, f'SELECT shard, idle FROM "{schema}".outbox_wakeup ORDER BY shard')
@@ -197,7 +199,7 @@ def test_migrate_sql_output_applies_cleanly(db_url: str, schema: str) -> None:
     assert set(tables(db_url, schema)) == {*OUTBOX_TABLES, "outbox_relay_version"}
     status = run_cli("status", env=cli_env(OUTBOX_DATABASE_URL=db_url, OUTBOX_SCHEMA=schema))
     assert status.returncode == 0, status.stderr
-    assert "revision 0002" in status.stdout and "shards 2" in status.stdout
+    assert "revision 0003" in status.stdout and "shards 2" in status.stdout
 
 
 def test_downgrade_removes_the_outbox(db_url: str, schema: str) -> None:

@@ -31,7 +31,7 @@ from outbox_relay.health import RelayState
 from outbox_relay.logs import redact, setup_logging, use_json
 from outbox_relay.schema import SCHEMA_REVISION
 from outbox_relay.settings import conninfo, load_settings, producer_settings
-from outbox_relay.store import RETENTION_KEY
+from outbox_relay.store import RETENTION_KEY, Store
 
 from .conftest import (
     Outbox,
@@ -137,9 +137,18 @@ def test_status_matches_the_table_and_shows_owners_after_a_kill(
         "UPDATE {t} SET dead_at = now(), attempts = 10, last_error = 'boom'"
         " WHERE idempotency_key IN ('r-0', 'r-1')"
     )
-    outbox.sql("UPDATE {t} SET sent_at = now() WHERE idempotency_key IN ('o-0', 'o-1', 'o-2')")
+    # three delivered just now, by the relay's own statement (deleted, counted), one long ago
+    store = Store(outbox.schema, "outbox", 4242)
+    ids = [r[0] for r in outbox.sql(
+        "SELECT id FROM {t} WHERE idempotency_key IN ('o-0', 'o-1', 'o-2', 'o-3')")]
+    epochs = dict(outbox.sql(f'SELECT shard, epoch FROM "{outbox.schema}".outbox_shards'))
+    with psycopg.connect(conninfo(outbox.url), autocommit=True) as conn:
+        assert store.mark_sent(conn, ids[:3], epochs, keep=False) == 3
+    outbox.sql("DELETE FROM {t} WHERE id = %s", (ids[3],))
     outbox.sql(
-        "UPDATE {t} SET sent_at = now() - interval '5 minutes' WHERE idempotency_key = 'o-3'"
+        f'INSERT INTO "{outbox.schema}".outbox_sent_stats'
+        " VALUES (now() - interval '5 minutes', 1, now() - interval '5 minutes',"
+        " now() - interval '5 minutes')"
     )
 
     st = _status(outbox)
@@ -499,7 +508,7 @@ def test_replay_republishes_exactly_the_selected_rows_with_the_same_keys(
     kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
-    relay = relay_factory()
+    relay = relay_factory(OUTBOX_KEEP_SENT="true")
     _enqueue(engine, topic, 30, keys=3)
     first = consume(kafka_bootstrap, topic, expected=30, timeout=30)
     assert len(first) == 30
@@ -612,7 +621,7 @@ def test_dead_letters_show_retry_discard_restore(
     outbox.sql("UPDATE {t} SET next_attempt_at = NULL WHERE id = %s", (pending,))
     retried = _cli(outbox, "dead-letters", "retry", "--id", str(b))
     assert "re-queued 1" in retried.stdout
-    relay = relay_factory()
+    relay = relay_factory(OUTBOX_KEEP_SENT="true")
     got = consume(kafka_bootstrap, topic, expected=2, timeout=30, settle=1)
     assert sorted(m.headers["idempotency-key"] for m in got) == ["ik-1", "ik-4"]
     wait_for(

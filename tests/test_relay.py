@@ -49,7 +49,7 @@ def test_delivers_committed_rows_only_with_headers(
     kafka_bootstrap: str,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
-    relay = relay_factory()
+    relay = relay_factory(OUTBOX_KEEP_SENT="true")
     with Session(engine) as s, s.begin():
         enqueue(s, topic, {"n": 1}, key="a", headers={"trace": "t-1"}, idempotency_key="ik-1")
     with Session(engine) as s, s.begin():
@@ -260,10 +260,10 @@ def test_stale_epoch_mark_changes_nothing(outbox: Outbox, engine: Engine) -> Non
         new = store.take_epoch(conn, shard, "new-owner")
         assert new == old + 1
         ids = [r.id for r in rows]
-        assert store.mark_sent(conn, ids, {shard: old}) == 0
+        assert store.mark_sent(conn, ids, {shard: old}, keep=True) == 0
         assert store.mark_failed(conn, [], {shard: old}, 3) == []
         assert outbox.pending() == 10
-        assert store.mark_sent(conn, ids, {shard: new}) == 10
+        assert store.mark_sent(conn, ids, {shard: new}, keep=True) == 10
         assert outbox.pending() == 0
 
 
@@ -369,7 +369,8 @@ def test_graceful_shutdown_releases_leases(
     assert time.monotonic() - started < 30
     assert _owners(outbox, _namespace(outbox)) == []
     assert "released shards" in relay.output()
-    sent = outbox.sql("SELECT count(*) FROM {t} WHERE sent_at IS NOT NULL")[0][0]
+    sent = 5000 - outbox.pending()  # delivered rows are deleted
+    assert sent > 0
     got = consume(kafka_bootstrap, topic, expected=sent, timeout=30, settle=1)
     assert len({m.headers["idempotency-key"] for m in got}) >= sent, "marked but not delivered"
 
@@ -415,7 +416,9 @@ def test_oversized_message_dead_letters_and_cli_retry(
         enqueue(s, big_topic, b"x" * 2_000_000, key="big", idempotency_key="too-big")
         enqueue(s, big_topic, b"after", key="big", idempotency_key="after-big")
         enqueue(s, big_topic, b"other", key="other", idempotency_key="other-key")
-    relay = relay_factory(OUTBOX_MAX_ATTEMPTS="2", OUTBOX_RETRY_BACKOFF_BASE="0.05")
+    relay = relay_factory(
+        OUTBOX_MAX_ATTEMPTS="2", OUTBOX_RETRY_BACKOFF_BASE="0.05", OUTBOX_KEEP_SENT="true"
+    )
     wait_for(
         lambda: outbox.sql("SELECT dead_at IS NOT NULL FROM {t} WHERE idempotency_key = 'too-big'")[
             0
@@ -483,3 +486,82 @@ def test_sigterm_during_idle_exits_promptly(
     relay.proc.send_signal(signal.SIGTERM)
     assert relay.proc.wait(10) == 0
     assert time.monotonic() - started < 5
+
+
+def _sent_counters(outbox: Outbox) -> int:
+    stats = f'"{outbox.schema}".outbox_sent_stats'
+    return int(outbox.sql(f"SELECT coalesce(sum(sent), 0) FROM {stats}")[0][0])
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["delete", "keep"])
+def test_delivered_rows_are_deleted_or_kept_and_always_counted(
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+    keep: bool,
+) -> None:
+    _enqueue_numbered(engine, topic, 300, keys=7)
+    relay = relay_factory(OUTBOX_KEEP_SENT=str(keep).lower())
+    got = consume(kafka_bootstrap, topic, expected=300, timeout=30, settle=1)
+    assert len({m.headers["idempotency-key"] for m in got}) == 300
+    wait_for(lambda: outbox.pending() == 0, 10, "every row recorded as delivered")
+    left, kept = outbox.sql("SELECT count(*), count(sent_at) FROM {t}")[0]
+    assert (left, kept) == ((300, 300) if keep else (0, 0))
+    assert _sent_counters(outbox) == 300
+    status = json.loads(run_cli("status", "--json", env=outbox.env).stdout)
+    assert status["sent_last_minute"] == 300 and status["last_sent_at"]
+    assert relay.terminate() == 0
+
+
+@pytest.mark.shards(1)
+def test_a_late_commit_below_the_cursor_is_found_while_the_stream_goes_on(
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    """A row whose transaction commits after rows with higher ids were published sits below
+    the shard cursors; the periodic full scan finds it although the cursors never run dry."""
+    relay = relay_factory(OUTBOX_RESCAN_INTERVAL="0.5")
+    late = Session(engine)
+    late.begin()
+    enqueue(late, topic, {"n": -1}, key="late", idempotency_key="late")
+    late.flush()
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            _enqueue_numbered(engine, topic, 20, keys=5, start=i)
+            i += 20
+            time.sleep(0.01)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        wait_for(lambda: _sent_counters(outbox) >= 200, 30, "the stream to flow past the late id")
+        late.commit()
+        committed_at = _sent_counters(outbox)
+        wait_for(
+            lambda: outbox.sql("SELECT count(*) FROM {t} WHERE idempotency_key = 'late'")[0][0]
+            == 0,
+            10,
+            "the late row delivered",
+        )
+        # the stream was still flowing after it (the cursors never ran dry)
+        wait_for(lambda: _sent_counters(outbox) > committed_at + 100, 10, "more of the stream")
+    finally:
+        stop.set()
+        t.join()
+        late.close()
+    wait_for(lambda: outbox.pending() == 0, 20, "everything delivered")
+    total = _sent_counters(outbox)
+    got = consume(kafka_bootstrap, topic, expected=total, timeout=30, settle=1)
+    ids = [m.headers["idempotency-key"] for m in got]
+    assert "late" in ids and len(set(ids)) == total
+    assert ids.index("late") < len(ids) - 100, "found only when the stream stopped"
+    assert _per_key_order_ok([m for m in got if m.key != "late"])
+    assert relay.terminate() == 0

@@ -526,7 +526,7 @@ def test_500_then_200_one_delivery_same_id_growing_spacing(
     receiver.rule = fail_first(3, 500, b'{"error": "boom"}')
     _start(relay_factory, receiver, new_secret(), OUTBOX_RETRY_BACKOFF_BASE="0.3",
            OUTBOX_POLL_INTERVAL="0.1", OUTBOX_WEBHOOK_BREAKER_FAILURES="1000",
-           OUTBOX_MAX_ATTEMPTS="20")
+           OUTBOX_MAX_ATTEMPTS="20", OUTBOX_KEEP_SENT="true")
     n = 20
     _enqueue(engine, _msgs("m", n))
     receiver.wait(lambda r: len(r.delivered()) == n, 90, "every message delivered")
@@ -667,7 +667,7 @@ def test_timeout_then_delivery(
 ) -> None:
     receiver.rule = lambda h: Reply(delay=3) if h.attempt == 1 else Reply()
     _start(relay_factory, receiver, new_secret(), OUTBOX_WEBHOOK_TIMEOUT="1",
-           OUTBOX_RETRY_BACKOFF_BASE="0.1", OUTBOX_POLL_INTERVAL="0.2")
+           OUTBOX_RETRY_BACKOFF_BASE="0.1", OUTBOX_POLL_INTERVAL="0.2", OUTBOX_KEEP_SENT="true")
     _enqueue(engine, _msgs("t", 1))
     receiver.wait(lambda r: r.delivered_ids() == ["t-0"], 30, "delivery after a timeout")
     hits = receiver.of("t-0")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BRANCH_LABEL = "outbox_relay"
-HEAD = "outbox_relay_0002"
+HEAD = "outbox_relay_0003"
 SCRIPT_LOCATION = str(Path(__file__).parent)
 VERSIONS_LOCATION = str(Path(__file__).parent / "versions")
 #: Version table used by ``outbox-relay migrate`` (a host's own alembic keeps its own table).

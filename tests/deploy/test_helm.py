@@ -76,6 +76,24 @@ def ci(name: str) -> Path:
     return CI_VALUES / name
 
 
+def nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"relay.batchSize": 500}`` -> ``{"relay": {"batchSize": 500}}``."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return out
+
+
+def values_file(directory: Path, name: str, values: dict[str, Any], yaml_mod: Any) -> Path:
+    path = directory / name
+    path.write_text(yaml_mod.safe_dump(values))
+    return path
+
+
 # ------------------------------------------------------------- lint, render
 def test_ci_values_files_exist() -> None:
     for name in CI_FILES:
@@ -328,6 +346,28 @@ def test_secret_contents(helm_template: HelmTemplate) -> None:
     assert data["database-url"] == "postgresql+psycopg://relay:change-me@postgres:5432/app"
     assert json.loads(data["kafka-properties"]) == {"sasl.username": "relay", "sasl.password": "pw"}
     assert "webhook-secret" not in data
+    assert "webhook-headers" not in data
+
+
+def test_webhook_headers_go_through_the_secret(helm_template: HelmTemplate) -> None:
+    docs = helm_template(
+        ci("default-values.yaml"),
+        sets=[
+            "sink=webhook",
+            "webhook.url=https://hooks.example.com/outbox",
+            "secret.webhookHeaders.Authorization=Bearer t0ken",
+            "secret.webhookHeaders.X-Tenant=acme",
+        ],
+    )
+    headers = {"Authorization": "Bearer t0ken", "X-Tenant": "acme"}
+    for secret in by_kind(docs, "Secret"):  # the chart's Secret and the migration hook's copy
+        assert json.loads(base64.b64decode(secret["data"]["webhook-headers"])) == headers
+    for doc, name in ((relay_deployment(docs), "outbox-relay"), (migration_job(docs), "migrate")):
+        env = env_of(container(doc, name))
+        ref = env["OUTBOX_WEBHOOK_HEADERS"]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == "webhook-headers" and ref["optional"] is True
+        assert ref["name"] == env["OUTBOX_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["name"]
+        assert "Bearer" not in json.dumps(env)
 
 
 def test_image_digest_and_tag(helm_template: HelmTemplate) -> None:
@@ -576,6 +616,195 @@ def test_notes_render(helm_template: HelmTemplate, tmp_path: Path, ci_file: str)
     assert "migrate" in text
 
 
+# ------------------------------------------------------- optional settings
+# values path -> (env var, a valid value as in a values file, the env value the relay reads).
+# Falsy values (false, 0) are here on purpose: they are set, so they must be rendered.
+SETTINGS: dict[str, tuple[str, Any, str]] = {
+    "outbox.shards": ("OUTBOX_SHARDS", 64, "64"),
+    "logFormat": ("OUTBOX_LOG_FORMAT", "text", "text"),
+    "kafka.topicPrefix": ("OUTBOX_KAFKA_TOPIC_PREFIX", "prod.", "prod."),
+    "kafka.deliveryTimeout": ("OUTBOX_KAFKA_DELIVERY_TIMEOUT", 45, "45"),
+    "kafka.exactlyOnce": ("OUTBOX_KAFKA_EXACTLY_ONCE", True, "true"),
+    "kafka.transactionalIdPrefix": ("OUTBOX_KAFKA_TRANSACTIONAL_ID_PREFIX", "shop-", "shop-"),
+    "webhook.timeout": ("OUTBOX_WEBHOOK_TIMEOUT", 7.5, "7.5"),
+    "webhook.concurrency": ("OUTBOX_WEBHOOK_CONCURRENCY", 32, "32"),
+    "webhook.allowPrivate": ("OUTBOX_WEBHOOK_ALLOW_PRIVATE", False, "false"),
+    "webhook.breakerFailures": ("OUTBOX_WEBHOOK_BREAKER_FAILURES", 8, "8"),
+    "webhook.breakerCooldown": ("OUTBOX_WEBHOOK_BREAKER_COOLDOWN", 60, "60"),
+    "relay.batchSize": ("OUTBOX_BATCH_SIZE", 500, "500"),
+    "relay.wakeup": ("OUTBOX_WAKEUP", "poll", "poll"),
+    "relay.pollInterval": ("OUTBOX_POLL_INTERVAL", 0.5, "0.5"),
+    "relay.heartbeatInterval": ("OUTBOX_HEARTBEAT_INTERVAL", 20, "20"),
+    "relay.rebalanceInterval": ("OUTBOX_REBALANCE_INTERVAL", 3, "3"),
+    "relay.rescanInterval": ("OUTBOX_RESCAN_INTERVAL", 30, "30"),
+    "relay.leases": ("OUTBOX_LEASES", False, "false"),
+    "relay.leaseNamespace": ("OUTBOX_LEASE_NAMESPACE", 2_000_000_000, "2000000000"),
+    "relay.maxAttempts": ("OUTBOX_MAX_ATTEMPTS", 25, "25"),
+    "relay.retryBackoffBase": ("OUTBOX_RETRY_BACKOFF_BASE", 0.25, "0.25"),
+    "relay.retryBackoffMax": ("OUTBOX_RETRY_BACKOFF_MAX", 600, "600"),
+    "relay.strictOrder": ("OUTBOX_STRICT_ORDER", True, "true"),
+    "relay.keepSent": ("OUTBOX_KEEP_SENT", True, "true"),
+    "retention.period": ("OUTBOX_RETENTION", "7d", "7d"),
+    "retention.batch": ("OUTBOX_RETENTION_BATCH", 2000, "2000"),
+    "retention.interval": ("OUTBOX_RETENTION_INTERVAL", "5m", "5m"),
+    "guard.interval": ("OUTBOX_GUARD_INTERVAL", 45, "45"),
+    "guard.xactAge": ("OUTBOX_GUARD_XACT_AGE", "10m", "10m"),
+    # a values file gives float64: a large whole number must not become 5e+07
+    "guard.slotXminAge": ("OUTBOX_GUARD_SLOT_XMIN_AGE", 50_000_000, "50000000"),
+    "guard.deadTuples": ("OUTBOX_GUARD_DEAD_TUPLES", 2_000_000, "2000000"),
+    "guard.pendingSlo": ("OUTBOX_PENDING_SLO", 0, "0"),
+    "metrics.gaugeInterval": ("OUTBOX_GAUGE_INTERVAL", "250ms", "250ms"),
+}
+SETTING_VARS = {var for var, _, _ in SETTINGS.values()}
+#: what `outbox-relay migrate` reads: the shard count of the table it creates, the log format
+MIGRATE_SETTING_VARS = {"OUTBOX_SHARDS", "OUTBOX_LOG_FORMAT"}
+#: announced relay settings whose field is not in outbox_relay/settings.py yet
+NOT_YET_IN_SETTINGS = {"OUTBOX_KAFKA_EXACTLY_ONCE", "OUTBOX_KAFKA_TRANSACTIONAL_ID_PREFIX"}
+
+
+def settings_env(c: dict[str, Any]) -> dict[str, str]:
+    """The optional settings a rendered container gets: env var -> value."""
+    return {e["name"]: e["value"] for e in c.get("env", []) if e["name"] in SETTING_VARS}
+
+
+def expected_env(paths: Any = SETTINGS) -> dict[str, str]:
+    return {SETTINGS[p][0]: SETTINGS[p][2] for p in paths}
+
+
+@pytest.fixture(scope="session")
+def all_settings(yaml_mod: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A values file setting every optional setting (one replica: leases is false)."""
+    values = nested({path: value for path, (_, value, _) in SETTINGS.items()})
+    values["replicaCount"] = 1
+    return values_file(tmp_path_factory.mktemp("values"), "all-settings.yaml", values, yaml_mod)
+
+
+def test_settings_table_covers_values_yaml(yaml_mod: Any) -> None:
+    """Every null default of values.yaml is an optional setting the chart renders."""
+    values = yaml_mod.safe_load((CHART / "values.yaml").read_text())
+
+    def null_paths(node: dict[str, Any], prefix: str = "") -> set[str]:
+        found = set()
+        for key, value in node.items():
+            if isinstance(value, dict):
+                found |= null_paths(value, f"{prefix}{key}.")
+            elif value is None:
+                found.add(f"{prefix}{key}")
+        return found
+
+    assert null_paths(values) - {"podDisruptionBudget.maxUnavailable"} == set(SETTINGS)
+
+
+def test_readme_lists_every_setting() -> None:
+    readme = (CHART / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if line.startswith("| `")]
+    rows = {line.split("|")[1].strip(): line for line in lines}
+    for path, (var, _, _) in SETTINGS.items():
+        assert f"`{var}`" in rows.get(f"`{path}`", ""), f"README.md has no row `{path}` -> {var}"
+
+
+@pytest.mark.parametrize("path", SETTINGS)
+def test_setting_renders_only_when_set(
+    helm_template: HelmTemplate, yaml_mod: Any, tmp_path: Path, path: str
+) -> None:
+    var, value, rendered = SETTINGS[path]
+    extra = {"replicaCount": 1} if path == "relay.leases" else {}
+    overrides = values_file(tmp_path, "one.yaml", {**nested({path: value}), **extra}, yaml_mod)
+    docs = helm_template(ci("default-values.yaml"), overrides)
+    assert settings_env(container(relay_deployment(docs), "outbox-relay")) == {var: rendered}
+    migrate = settings_env(container(migration_job(docs), "migrate"))
+    assert migrate == ({var: rendered} if var in MIGRATE_SETTING_VARS else {})
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_unset_settings_are_left_out(helm_template: HelmTemplate, ci_file: str) -> None:
+    for doc in workloads(helm_template(ci(ci_file))):
+        for c in pod_spec(doc)["containers"]:
+            assert settings_env(c) == {}, f"{ci_file}: {doc['metadata']['name']}/{c['name']}"
+
+
+def test_setting_set_back_to_null_is_left_out(helm_template: HelmTemplate) -> None:
+    docs = helm_template(ci("default-values.yaml"), sets=["relay.batchSize=500"])
+    assert settings_env(container(relay_deployment(docs), "outbox-relay")) == {
+        "OUTBOX_BATCH_SIZE": "500"
+    }
+    docs = helm_template(
+        ci("default-values.yaml"), sets=["relay.batchSize=500", "relay.batchSize=null"]
+    )
+    assert settings_env(container(relay_deployment(docs), "outbox-relay")) == {}
+
+
+def test_all_settings_render(helm_template: HelmTemplate, all_settings: Path) -> None:
+    docs = helm_template(ci("default-values.yaml"), all_settings)
+    relay = container(relay_deployment(docs), "outbox-relay")
+    assert settings_env(relay) == expected_env()
+    migrate = container(migration_job(docs), "migrate")
+    assert settings_env(migrate) == expected_env(
+        p for p in SETTINGS if SETTINGS[p][0] in MIGRATE_SETTING_VARS
+    )
+    # after the chart's own variables, before extraEnv
+    names = [e["name"] for e in relay["env"]]
+    assert names.index("OUTBOX_HTTP_PORT") < min(names.index(v) for v in SETTING_VARS)
+
+
+def test_sidecar_gets_the_same_settings(
+    helm_template: HelmTemplate, yaml_mod: Any, all_settings: Path, tmp_path: Path
+) -> None:
+    docs = helm_template(ci("sidecar-values.yaml"), all_settings)
+    (dep,) = by_kind(docs, "Deployment")
+    assert settings_env(container(dep, "outbox-relay")) == expected_env()
+    assert settings_env(container(dep, "app")) == {}
+    # and from a producer chart, through the subchart's values
+    relay_values = yaml_mod.safe_load(all_settings.read_text())
+    producer = values_file(tmp_path, "producer.yaml", {"outbox-relay": relay_values}, yaml_mod)
+    docs = helm_template(producer, chart=_producer_chart(tmp_path), release="shop")
+    (dep,) = by_kind(docs, "Deployment")
+    assert settings_env(container(dep, "outbox-relay")) == expected_env()
+
+
+@pytest.mark.parametrize(
+    "var",
+    [
+        pytest.param(
+            var,
+            marks=pytest.mark.xfail(
+                var in NOT_YET_IN_SETTINGS,
+                reason="announced setting, not yet a field of outbox_relay/settings.py",
+                strict=True,
+            ),
+        )
+        for var in sorted(SETTING_VARS)
+    ],
+)
+def test_setting_names_are_relay_settings(var: str) -> None:
+    """Settings ignores unknown OUTBOX_ variables: a misspelt name would be silently unused."""
+    from outbox_relay.settings import Settings
+
+    assert var.removeprefix("OUTBOX_").lower() in Settings.model_fields
+
+
+def test_rendered_settings_parse_in_the_relay(
+    helm_template: HelmTemplate, all_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay reads each rendered value as the value given in values.yaml."""
+    from outbox_relay.settings import Settings, load_settings
+
+    docs = helm_template(ci("default-values.yaml"), all_settings)
+    env = settings_env(container(relay_deployment(docs), "outbox-relay"))
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    from_env = load_settings()
+    given = {
+        var.removeprefix("OUTBOX_").lower(): value
+        for var, value, _ in SETTINGS.values()
+        if var.removeprefix("OUTBOX_").lower() in Settings.model_fields
+    }
+    from_values = load_settings(**given)
+    assert given
+    for field in given:
+        assert getattr(from_env, field) == getattr(from_values, field), field
+
+
 # ------------------------------------------------------------------ schema
 def test_values_schema_is_draft07_and_closed() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
@@ -611,6 +840,22 @@ BAD_VALUES = [
     pytest.param(["outbox.table=bad-name"], "table", id="table-not-identifier"),
     pytest.param(["securityContext.runAsNonRoot=false"], "runAsNonRoot", id="root"),
     pytest.param(["image.pullPolicy=Sometimes"], "pullPolicy", id="pull-policy"),
+    pytest.param(["relay.batchSize=0"], "batchSize", id="batch-size-zero"),
+    pytest.param(["relay.batchSize=100001"], "batchSize", id="batch-size-too-big"),
+    pytest.param(["relay.bachSize=10"], "bachSize", id="relay-unknown-key"),
+    pytest.param(["relay.wakeup=listen"], "wakeup", id="wakeup-bogus"),
+    pytest.param(["relay.leases=false"], "replicaCount", id="no-leases-several-replicas"),
+    pytest.param(["relay.rescanInterval=3601"], "rescanInterval", id="rescan-interval-too-big"),
+    pytest.param(["relay.keepSent=1"], "keepSent", id="keep-sent-not-bool"),
+    pytest.param(["kafka.exactlyOnce=yes"], "exactlyOnce", id="exactly-once-not-bool"),
+    pytest.param(["outbox.shards=2048"], "shards", id="shards-too-many"),
+    pytest.param(["logFormat=yaml"], "logFormat", id="log-format-bogus"),
+    pytest.param(["webhook.concurrency=0"], "concurrency", id="webhook-concurrency-zero"),
+    pytest.param(["webhook.timeout=301"], "timeout", id="webhook-timeout-too-long"),
+    pytest.param(["retention.period=7 days"], "period", id="retention-not-a-duration"),
+    pytest.param(["guard.xactAge=0s"], "xactAge", id="xact-age-zero-duration"),
+    pytest.param(["guard.slotXminAge=0"], "slotXminAge", id="slot-xmin-age-zero"),
+    pytest.param(["secret.webhookHeaders.X-Tenant=1"], "webhookHeaders", id="header-not-string"),
 ]
 
 

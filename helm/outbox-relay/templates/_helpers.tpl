@@ -84,6 +84,9 @@ app.kubernetes.io/component: {{ include "outbox-relay.component" . }}
 {{- with .Values.secret.webhookSecret }}
 {{ $.Values.secretKeys.webhookSecret }}: {{ . | b64enc | quote }}
 {{- end }}
+{{- with .Values.secret.webhookHeaders }}
+{{ $.Values.secretKeys.webhookHeaders }}: {{ toJson . | b64enc | quote }}
+{{- end }}
 {{- end }}
 
 {{/* Name of the routes ConfigMap, empty when no routes file is configured. */}}
@@ -118,6 +121,87 @@ app.kubernetes.io/component: {{ include "outbox-relay.component" . }}
 
 {{/*
 ==============================================================================
+ Optional relay settings
+==============================================================================
+outbox-relay.optionalSettings: environment variable -> path of its value in
+.Values. A setting is rendered only when its value is set: null (the default in
+values.yaml) or a missing key leaves the variable out, so the relay's own
+default applies. Types and bounds are checked by values.schema.json.
+*/}}
+{{- define "outbox-relay.optionalSettings" -}}
+OUTBOX_SHARDS: outbox.shards
+OUTBOX_LOG_FORMAT: logFormat
+OUTBOX_KAFKA_TOPIC_PREFIX: kafka.topicPrefix
+OUTBOX_KAFKA_DELIVERY_TIMEOUT: kafka.deliveryTimeout
+OUTBOX_KAFKA_EXACTLY_ONCE: kafka.exactlyOnce
+OUTBOX_KAFKA_TRANSACTIONAL_ID_PREFIX: kafka.transactionalIdPrefix
+OUTBOX_WEBHOOK_TIMEOUT: webhook.timeout
+OUTBOX_WEBHOOK_CONCURRENCY: webhook.concurrency
+OUTBOX_WEBHOOK_ALLOW_PRIVATE: webhook.allowPrivate
+OUTBOX_WEBHOOK_BREAKER_FAILURES: webhook.breakerFailures
+OUTBOX_WEBHOOK_BREAKER_COOLDOWN: webhook.breakerCooldown
+OUTBOX_BATCH_SIZE: relay.batchSize
+OUTBOX_WAKEUP: relay.wakeup
+OUTBOX_POLL_INTERVAL: relay.pollInterval
+OUTBOX_HEARTBEAT_INTERVAL: relay.heartbeatInterval
+OUTBOX_REBALANCE_INTERVAL: relay.rebalanceInterval
+OUTBOX_RESCAN_INTERVAL: relay.rescanInterval
+OUTBOX_LEASES: relay.leases
+OUTBOX_LEASE_NAMESPACE: relay.leaseNamespace
+OUTBOX_MAX_ATTEMPTS: relay.maxAttempts
+OUTBOX_RETRY_BACKOFF_BASE: relay.retryBackoffBase
+OUTBOX_RETRY_BACKOFF_MAX: relay.retryBackoffMax
+OUTBOX_STRICT_ORDER: relay.strictOrder
+OUTBOX_KEEP_SENT: relay.keepSent
+OUTBOX_RETENTION: retention.period
+OUTBOX_RETENTION_BATCH: retention.batch
+OUTBOX_RETENTION_INTERVAL: retention.interval
+OUTBOX_GUARD_INTERVAL: guard.interval
+OUTBOX_GUARD_XACT_AGE: guard.xactAge
+OUTBOX_GUARD_SLOT_XMIN_AGE: guard.slotXminAge
+OUTBOX_GUARD_DEAD_TUPLES: guard.deadTuples
+OUTBOX_PENDING_SLO: guard.pendingSlo
+OUTBOX_GAUGE_INTERVAL: metrics.gaugeInterval
+{{- end }}
+
+{{/*
+outbox-relay.settingsEnv: env items (a YAML list) for the optional settings
+that are set, in variable-name order. Parameters (dict): values (the relay's
+.Values), command ("run" or "migrate"; migrate gets only the settings it
+reads: the shard count of the table it creates, and the log format).
+*/}}
+{{- define "outbox-relay.settingsEnv" -}}
+{{- $v := .values -}}
+{{- $migrate := list "OUTBOX_SHARDS" "OUTBOX_LOG_FORMAT" -}}
+{{- range $name, $path := include "outbox-relay.optionalSettings" . | fromYaml }}
+{{- if or (eq $.command "run") (has $name $migrate) }}
+{{- $val := $v }}
+{{- $found := true }}
+{{- range splitList "." $path }}
+{{- if and $found (kindIs "map" $val) (hasKey $val .) }}
+{{- $val = index $val . }}
+{{- else }}
+{{- $found = false }}
+{{- end }}
+{{- end }}
+{{- if and $found (not (kindIs "invalid" $val)) }}
+- name: {{ $name }}
+  value: {{ include "outbox-relay.envValue" $val | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+A value as the relay parses it. Numbers from values files arrive as float64,
+which would print as 1e+07: whole numbers are printed as integers.
+*/}}
+{{- define "outbox-relay.envValue" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) }}{{ int64 . }}{{ else }}{{ toString . }}{{ end }}
+{{- end }}
+
+{{/*
+==============================================================================
  The relay container
 ==============================================================================
 outbox-relay.container renders ONE container as a YAML list item.
@@ -127,7 +211,8 @@ Parameters (dict):
   name              container name                                          (outbox-relay)
   databaseSecret    dict name/key of the Secret key holding OUTBOX_DATABASE_URL
                     (default: the relay's Secret and secretKeys.databaseUrl)
-  credentialsSecret Secret with the kafka properties / webhook secret keys
+  credentialsSecret Secret with the kafka properties / webhook secret / webhook
+                    headers keys
                     (default: the relay's Secret)
   routesConfigMap   ConfigMap with the routes file ("-" = none;
                     default: the relay's routes ConfigMap, if any)
@@ -177,6 +262,12 @@ Parameters (dict):
           name: {{ $creds | quote }}
           key: {{ $v.secretKeys.webhookSecret | quote }}
           optional: true
+    - name: OUTBOX_WEBHOOK_HEADERS
+      valueFrom:
+        secretKeyRef:
+          name: {{ $creds | quote }}
+          key: {{ $v.secretKeys.webhookHeaders | quote }}
+          optional: true
     {{- end }}
     {{- if and $routes (eq $cmd "run") }}
     - name: OUTBOX_ROUTES_FILE
@@ -196,6 +287,9 @@ Parameters (dict):
       value: {{ $v.shutdownTimeout | quote }}
     - name: OUTBOX_HTTP_PORT
       value: {{ ternary $port 0 (eq $cmd "run") | quote }}
+    {{- with include "outbox-relay.settingsEnv" (dict "values" $v "command" $cmd) | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
     {{- with $v.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
