@@ -150,7 +150,12 @@ class KafkaExactlyOnceSink:
         self._partitions = 0  # of the progress topic, learnt by _ensure_progress_topic
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kafka-txn")
         try:
-            self._admin = AdminClient({**self._client, "allow.auto.create.topics": False})
+            admin: dict[str, Any] = {
+                **self._client,
+                "allow.auto.create.topics": False,
+                "logger": logging.getLogger("outbox_relay.librdkafka"),
+            }
+            self._admin = AdminClient(admin)
         except (KafkaException, ValueError, TypeError) as exc:
             raise ConfigError(f"invalid Kafka configuration: {describe(exc)}") from None
 
