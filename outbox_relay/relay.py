@@ -273,13 +273,12 @@ class Relay:
         assert self._lease is not None and self._work is not None
         if not self.settings.leases:
             if len(self.epochs) < self.total_shards:
-                for shard in range(self.total_shards):
-                    if shard not in self.epochs:
-                        self.epochs[shard] = self.store.take_epoch(
-                            self._lease, shard, self.settings.relay_name
-                        )
-                        if not self._sink_recover(shard):
-                            break
+                missing = [s for s in range(self.total_shards) if s not in self.epochs]
+                for shard in missing:
+                    self.epochs[shard] = self.store.take_epoch(
+                        self._lease, shard, self.settings.relay_name
+                    )
+                self._sink_recover(missing)
                 self._owned_changed()
             return
         self._verify_leases()
@@ -306,9 +305,8 @@ class Relay:
                     self.epochs[shard] = self.store.take_epoch(
                         self._lease, shard, self.settings.relay_name
                     )
-                    if not self._sink_recover(shard):
-                        break  # the sink is in trouble: no more shards this time
                     taken.append(shard)
+            taken = self._sink_recover(taken)
             if taken:
                 log.info(
                     "took shards %s (now %d of %d)",
@@ -334,34 +332,40 @@ class Relay:
         return held
 
     # ------------------------------------------------------------------ sink shard hooks
-    def _sink_recover(self, shard: int) -> bool:
-        """The lease of ``shard`` was just taken (its epoch bumped): before anything of the shard
-        is published, let a sink with per-shard state recover it, and mark sent the ids it had
-        already delivered. False: the sink cannot take the shard now; the lease is given back."""
-        if self._hooks is None:
-            return True
+    def _sink_recover(self, shards: list[int]) -> list[int]:
+        """The leases of ``shards`` were just taken (their epochs bumped): before anything of
+        them is published, let a sink with per-shard state recover them, and mark sent the ids
+        it had already delivered. Returns the shards kept; the leases of those the sink could
+        not recover now are given back (taken again at a later rebalance)."""
+        if self._hooks is None or not shards:
+            return shards
         assert self._work is not None
         try:
-            ids = self._hooks.recover(shard)
+            recovered = self._hooks.recover(shards)
         except FatalSinkError:
             raise
         except SinkError as exc:
-            log.warning("shard %d: %s; lease given back, retried at a later rebalance", shard, exc)
-            self._give_back([shard])
-            return False
-        if ids:
-            marked = self.store.mark_sent(
-                self._work, ids, {shard: self.epochs[shard]}, keep=self.settings.keep_sent
-            )
-            log.log(
-                logging.INFO if marked else logging.DEBUG,
-                "shard %d: %d of the %d ids the sink had already delivered were not marked sent; "
-                "marked now",
-                shard,
-                marked,
-                len(ids),
-            )
-        return True
+            log.warning("shards %s: %s", shards, exc)
+            recovered = {}
+        failed = [s for s in shards if s not in recovered]
+        if failed:
+            log.warning("shards %s: the sink cannot take them now; leases given back, retried "
+                        "at a later rebalance", failed)
+            self._give_back(failed)
+        for shard, ids in sorted(recovered.items()):
+            if ids and shard in self.epochs:
+                marked = self.store.mark_sent(
+                    self._work, ids, {shard: self.epochs[shard]}, keep=self.settings.keep_sent
+                )
+                log.log(
+                    logging.INFO if marked else logging.DEBUG,
+                    "shard %d: %d of the %d ids the sink had already delivered were not marked "
+                    "sent; marked now",
+                    shard,
+                    marked,
+                    len(ids),
+                )
+        return [s for s in shards if s in recovered]
 
     def _sink_release(self, shards: Sequence[int]) -> None:
         if self._hooks is not None:

@@ -231,12 +231,12 @@ def test_fenced_sink_publishes_nothing_and_gives_the_shard_up(
     )
     old, new = KafkaExactlyOnceSink(settings), KafkaExactlyOnceSink(settings)
     try:
-        assert old.recover(2) == []
+        assert old.recover([2]) == {2: []}
         rows = [_row(i, 2, topic, f"k{i % 3}") for i in range(1, 11)]
         assert all(o.delivered for o in old.publish(rows[:5], 20))
         # a new owner takes shard 2: its init_transactions fences the old producer, and it
         # learns the ids the old owner's last transaction carried
-        assert new.recover(2) == [1, 2, 3, 4, 5]
+        assert new.recover([2]) == {2: [1, 2, 3, 4, 5]}
         outcomes = old.publish(rows[5:], 20)
         assert not any(o.delivered for o in outcomes), "a fenced producer must not publish"
         assert old.lost_shards() == {2}
@@ -282,7 +282,7 @@ def test_commit_of_unknown_outcome_gives_the_shard_up_and_recovery_resolves_it(
     )
     sink = KafkaExactlyOnceSink(settings)
     try:
-        assert sink.recover(1) == []
+        assert sink.recover([0, 1]) == {0: [], 1: []}
         state = sink._shards[1]
         flaky = _AnswerLost(state.producer)
         state.producer = flaky
@@ -292,7 +292,7 @@ def test_commit_of_unknown_outcome_gives_the_shard_up_and_recovery_resolves_it(
         assert not any(o.delivered or o.failed for o in outcomes), "no outcome is claimed"
         assert sink.lost_shards() == {1}
         # the relay gives the lease back; the next owner's recovery learns the commit happened
-        assert sink.recover(1) == [1, 2, 3, 4, 5, 6]
+        assert sink.recover([1]) == {1: [1, 2, 3, 4, 5, 6]}
         got = consume(kafka_bootstrap, topic, expected=6, timeout=20, settle=2)
         assert sorted(int(m.headers["outbox-id"]) for m in got) == [1, 2, 3, 4, 5, 6]
     finally:

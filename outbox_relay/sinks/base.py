@@ -80,12 +80,14 @@ class Sink(Protocol):
 class ShardHooks(Protocol):
     """Optional: a sink that must act when the relay takes or drops a shard's lease."""
 
-    def recover(self, shard: int) -> list[int]:
-        """Called right after the relay took ``shard``'s lease, before anything of the shard is
-        published: prepare the shard and return the outbox ids the sink already delivered but
-        the previous owner may not have marked sent. The relay marks them sent with its new
-        epoch. Raises :class:`~outbox_relay.errors.SinkError` if the shard cannot be prepared
-        now (the relay then gives the lease back and tries again later)."""
+    def recover(self, shards: Sequence[int]) -> dict[int, list[int]]:
+        """Called right after the relay took the leases of ``shards``, before anything of them
+        is published: prepare each shard and return, per shard, the outbox ids the sink already
+        delivered but the previous owner may not have marked sent. The relay marks them sent
+        with its new epoch. A shard missing from the result could not be prepared now: the
+        relay gives its lease back and tries again later (so does a
+        :class:`~outbox_relay.errors.SinkError`); a
+        :class:`~outbox_relay.errors.FatalSinkError` stops the relay."""
         ...
 
     def release(self, shard: int) -> None:

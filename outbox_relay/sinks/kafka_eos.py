@@ -7,10 +7,10 @@ compacted topic, keyed by the shard, that names exactly the outbox ids the trans
 sent before it publishes the shard's next batch, so the last committed progress record of a shard
 is all a new owner needs:
 
-1. ``recover(shard)`` (the relay calls it right after taking the shard's lease) creates the
-   producer and calls ``init_transactions``: that fences every earlier producer of the shard (a
-   relay that lost its lease can no longer commit) and completes or aborts the transaction it left
-   open;
+1. ``recover(shards)`` (the relay calls it right after taking the shards' leases; shards are
+   recovered side by side) creates each shard's producer and calls ``init_transactions``: that
+   fences every earlier producer of the shard (a relay that lost its lease can no longer commit)
+   and completes or aborts the transaction it left open;
 2. then it reads the shard's last committed progress record (``read_committed``) and returns its
    ids; the relay marks them sent with its new epoch before publishing anything.
 
@@ -197,12 +197,47 @@ class KafkaExactlyOnceSink:
         self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------ ShardHooks
-    def recover(self, shard: int) -> list[int]:
-        """Fence earlier producers of ``shard``, then return the ids its last committed
-        transaction carried (the relay marks them sent before publishing the shard)."""
-        self.release(shard)
+    def recover(self, shards: Sequence[int]) -> dict[int, list[int]]:
+        """Fence earlier producers of each shard, then return the ids its last committed
+        transaction carried (the relay marks them sent before publishing the shard). Shards
+        are recovered side by side; one that cannot be recovered now is left out."""
+        for shard in shards:
+            self.release(shard)
+        if not shards:
+            return {}
         deadline = time.monotonic() + RECOVER_TIMEOUT
-        created = self._ensure_progress_topic(deadline)
+        if self._ensure_progress_topic(deadline):
+            log.warning(
+                "progress topic %s did not exist (first start in exactly-once mode, or deleted) "
+                "and has been created; if it was deleted, a batch committed to Kafka but not yet "
+                "marked sent when its shard changed hands is published again (at-least-once for "
+                "that window)",
+                self.progress_topic,
+            )
+            created = True
+        else:
+            created = False
+
+        def one(shard: int) -> list[int] | Exception:
+            try:
+                return self._recover(shard, created, deadline)
+            except (SinkUnavailable, FatalSinkError) as exc:
+                return exc
+
+        found: dict[int, list[int]] = {}
+        fatal: FatalSinkError | None = None
+        for shard, result in zip(shards, self._pool.map(one, shards), strict=True):
+            if isinstance(result, FatalSinkError):
+                fatal = result
+            elif isinstance(result, Exception):
+                log.warning("shard %d: %s", shard, result)
+            else:
+                found[shard] = result
+        if fatal is not None:
+            raise fatal
+        return found
+
+    def _recover(self, shard: int, created: bool, deadline: float) -> list[int]:
         producer = self._producer(shard)
         try:
             producer.init_transactions(max(0.1, deadline - time.monotonic()))
@@ -223,13 +258,6 @@ class KafkaExactlyOnceSink:
         self._shards[shard] = _Shard(producer, partition)
         self._lost.discard(shard)
         if created:
-            log.warning(
-                "progress topic %s did not exist (first start in exactly-once mode, or deleted) "
-                "and has been created; if it was deleted, a batch committed to Kafka but not yet "
-                "marked sent when its shard changed hands is published again (at-least-once for "
-                "that window)",
-                self.progress_topic,
-            )
             return []
         record = self._last_progress(shard, partition, deadline)
         if record is None:
