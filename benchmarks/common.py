@@ -109,6 +109,21 @@ def unique(prefix: str) -> str:
 
 
 # --------------------------------------------------------------------------- topics
+class ProgressTopic:
+    """The progress topic of the exactly-once relays of one phase: its name, the relay
+    environment that selects exactly-once mode with it, and its deletion at the end."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.name = f"bench.progress.{uuid.uuid4().hex[:10]}"
+        self.env = {"OUTBOX_KAFKA_EXACTLY_ONCE": "true", "OUTBOX_KAFKA_PROGRESS_TOPIC": self.name}
+
+    def drop(self) -> None:
+        with contextlib.suppress(Exception):
+            for fut in self.svc.admin().delete_topics([self.name], operation_timeout=30).values():
+                fut.result(timeout=30)
+
+
 @contextlib.contextmanager
 def topics(svc: Services, partitions: int) -> Iterator[Callable[[str], str]]:
     """Yield ``new(label) -> topic name``; every topic created is deleted at exit."""

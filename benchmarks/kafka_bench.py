@@ -86,6 +86,8 @@ class TopicConsumer:
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 100,
             "fetch.min.bytes": 1,
+            # what exactly-once consumers must use; the same for non-transactional messages
+            "isolation.level": "read_committed",
         })
         self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
                                for p in range(partitions)])

@@ -3,6 +3,10 @@
     python -m benchmarks.run                  # full scale (make bench)
     BENCH_SCALE=small python -m benchmarks.run  # < 3 minutes (make bench-small)
 
+Exactly-once figures (``eos_*``: ``OUTBOX_KAFKA_EXACTLY_ONCE=true``, consumers read_committed)
+are measured in the throughput and latency phases, right after the at-least-once relay on the
+same outbox and the same kind of topic.
+
 Options: ``--only throughput,latency,txn,webhook`` runs a subset; ``--reps N``;
 ``--update-readme`` rewrites the "Latest numbers" section of benchmarks/README.md;
 ``--profile`` runs one extra drain with the relay under cProfile (written to
@@ -42,6 +46,7 @@ from .common import (
     RESULTS,
     BenchError,
     BenchOutbox,
+    ProgressTopic,
     RelayProcess,
     Services,
     log,
@@ -128,6 +133,7 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
     parts = cfg["topic_partitions"]
     pool = payload_pool(cfg["payload_pool"], cfg["payload_bytes"])
     box = BenchOutbox.create(svc, cfg["outbox_shards"])
+    progress = ProgressTopic(svc)
     try:
         with topics(svc, parts) as new_topic:
             for rep in range(cfg["reps"]):
@@ -152,6 +158,17 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                 log(f"rep {rep + 1}: relay drain {d['msgs_per_s']:,.0f} msg/s "
                     f"(steady {'n/a' if steady is None else f'{steady:,.0f}'}), ratio "
                     f"{d['msgs_per_s'] / raw['msgs_per_s']:.3f}")
+                topic = new_topic("draineos")
+                fill(box, topic, n, pool)
+                e = relay_drain(box, topic, parts, n, logdir,
+                                poll_every=0.2 if n <= 200_000 else 0.5, timeout=3600,
+                                env=progress.env)
+                rec.add("eos_drain_msgs_per_s", e["msgs_per_s"])
+                rec.add("eos_drain_ratio", e["msgs_per_s"] / d["msgs_per_s"])
+                rec.add("eos_relay_cpu_us_per_msg", e["relay_cpu_us_per_msg"])
+                rec.note("eos_drain_detail", e)
+                log(f"rep {rep + 1}: relay drain, exactly-once {e['msgs_per_s']:,.0f} msg/s "
+                    f"({e['msgs_per_s'] / d['msgs_per_s']:.2f} of at-least-once)")
             held_n = cfg["xmin_held_rows"]
             for rep in range(cfg["reps"] if cfg["xmin_held"] else 0):
                 topic = new_topic("drainheld")
@@ -176,6 +193,7 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                                      "report": str(txt.relative_to(REPO))})
                 log(f"profile written to {txt}")
     finally:
+        progress.drop()
         box.drop()
 
 
@@ -199,6 +217,7 @@ def phase_latency(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: Pat
     secs, warm = cfg["latency_seconds"], cfg["latency_warmup_seconds"]
     pool = payload_pool(cfg["payload_pool"], cfg["payload_bytes"])
     box = BenchOutbox.create(svc, cfg["outbox_shards"])
+    progress = ProgressTopic(svc)
     try:
         with topics(svc, parts) as new_topic:
             relay = RelayProcess(box, logdir / "latency-notify.log")
@@ -237,6 +256,21 @@ def phase_latency(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: Pat
                          "e2e_latency_lowrate")
             finally:
                 relay.stop()
+            relay = RelayProcess(box, logdir / "latency-eos.log", env=progress.env)
+            try:
+                relay.wait_ready()
+                for rep in range(cfg["reps"]):
+                    topic = new_topic("e2eeos")
+                    before = relay.metrics()
+                    x = rec.add_latency(
+                        "e2e_eos", e2e_latency(box, topic, parts, pool, rate, secs, warm,
+                                               f"x{rep}"))
+                    rec.note("e2e_eos_relay", relay_stats(before, relay.metrics()))
+                    rec.add("eos_e2e_latency_ms_p50", x["p50"])
+                    rec.add("eos_e2e_latency_ms_p99", x["p99"])
+                    log(f"rep {rep + 1}: e2e exactly-once {x['p50']:.2f}/{x['p99']:.2f} ms")
+            finally:
+                relay.stop()
             relay = RelayProcess(box, logdir / "latency-poll.log", ("--poll-only",))
             try:
                 relay.wait_ready()
@@ -255,6 +289,7 @@ def phase_latency(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: Pat
             finally:
                 relay.stop()
     finally:
+        progress.drop()
         box.drop()
 
 
@@ -415,6 +450,9 @@ ORDER = [
     ("drain_ratio", "", "relay drain / raw produce"),
     ("relay_drain_steady_msgs_per_s", "msg/s", "same, first to last row marked sent"),
     ("relay_drain_xmin_held_msgs_per_s", "msg/s", "same, a long transaction open meanwhile"),
+    ("eos_drain_msgs_per_s", "msg/s", "same, exactly-once (a Kafka transaction per shard)"),
+    ("eos_drain_ratio", "", "exactly-once drain / at-least-once drain"),
+    ("eos_relay_cpu_us_per_msg", "us", "relay CPU per drained message, exactly-once"),
     ("relay_startup_s", "s", "relay spawn -> owns every shard"),
     ("relay_cpu_us_per_msg", "us", "relay CPU per drained message"),
     ("raw_ack_latency_ms_p50", "ms", "raw produce -> ack at fixed rate"),
@@ -427,6 +465,8 @@ ORDER = [
     ("raw_consumed_latency_linger0_ms_p99", "ms", ""),
     ("e2e_latency_ms_p50", "ms", "commit -> consumed, relay woken by NOTIFY"),
     ("e2e_latency_ms_p99", "ms", ""),
+    ("eos_e2e_latency_ms_p50", "ms", "commit -> consumed (read_committed), exactly-once"),
+    ("eos_e2e_latency_ms_p99", "ms", ""),
     ("poll_only_latency_ms_p50", "ms", "commit -> consumed, --poll-only"),
     ("poll_only_latency_ms_p99", "ms", ""),
     ("e2e_latency_lowrate_ms_p50", "ms", "commit -> consumed at 20 msg/s, NOTIFY"),
@@ -529,6 +569,7 @@ def plot(latency: dict[str, list[dict[str, float]]], path: Path, title: str,
         "at the fixed rate",
         [
             ("e2e_notify", "relay, NOTIFY wake-up (commit → consumed)", "-o"),
+            ("e2e_eos", "relay, exactly-once (commit → consumed, read_committed)", "-x"),
             ("e2e_poll_only", "relay, --poll-only (commit → consumed)", "-s"),
             ("raw_consumed", "raw producer, relay settings (produce → consumed)", "--^"),
             ("raw_ack", "raw producer, relay settings (produce → ack)", "--v"),

@@ -298,10 +298,12 @@ def _forced_exit(settings: Settings) -> None:
 
 
 def _make_sink(settings: Settings) -> Any:
-    if settings.routes_file is not None or settings.sink == "webhook":
+    routed = settings.routes_file is not None or settings.sink == "webhook"
+    if routed or settings.kafka_exactly_once:
         from .sinks.router import make_sink
 
-        return make_sink(settings)  # a routes file, or every topic to OUTBOX_WEBHOOK_URL
+        # a routes file, every topic to OUTBOX_WEBHOOK_URL, or Kafka exactly-once
+        return make_sink(settings)
     if settings.sink == "kafka":
         from .sinks.kafka import KafkaSink
 

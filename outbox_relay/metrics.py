@@ -71,6 +71,13 @@ POLLS_WITH_WORK = Counter(
     "Timer wake-ups (no NOTIFY) that found rows",
     registry=REGISTRY,
 )
+KAFKA_TRANSACTIONS = Counter(
+    "outbox_kafka_transactions",
+    "Kafka transactions of the exactly-once mode by result: committed, aborted (rows retried), "
+    "lost (fenced, or commit outcome unknown: the shard is given up and recovered)",
+    ["result"],
+    registry=REGISTRY,
+)
 
 # -- operations (docs/operations.md): refreshed by the relay's maintenance tick (guard.py)
 LISTENER_RECONNECTS = Counter(

@@ -27,12 +27,12 @@ from tenacity.stop import stop_base
 
 from . import metrics
 from .cursors import FetchCursors
-from .errors import DatabaseUnavailable, FatalSinkError, OutboxError, ProxyDetected
+from .errors import DatabaseUnavailable, FatalSinkError, OutboxError, ProxyDetected, SinkError
 from .guard import Maintenance
 from .health import RelayState
 from .listener import Listener, Sleeper, Waiter
 from .settings import Settings, redact, relay_conninfo
-from .sinks.base import Outcome, Sink
+from .sinks.base import Outcome, ShardHooks, Sink
 from .store import Failure, OutboxRow, Store
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class Relay:
     ) -> None:
         self.settings = settings
         self.sink = sink
+        #: a sink with per-shard state (exactly-once Kafka) hears of every lease taken and lost
+        self._hooks: ShardHooks | None = sink if isinstance(sink, ShardHooks) else None
         self.store = Store(settings.db_schema, settings.table, settings.namespace)
         self.state = state or RelayState()
         self.state.stuck_after = max(60.0, 10 * settings.poll_interval)
@@ -196,6 +198,7 @@ class Relay:
         self._waiter = None
         if self.epochs:
             log.info("dropped leases of shards %s with the connection", sorted(self.epochs))
+        self._sink_release(sorted(self.epochs))
         self.epochs.clear()
         metrics.SHARDS_OWNED.set(0)
         self.state.owned = ()
@@ -271,11 +274,13 @@ class Relay:
         self._next_rebalance = now + self.settings.rebalance_interval * random.uniform(0.8, 1.2)
         assert self._lease is not None and self._work is not None
         if not self.settings.leases:
-            if not self.epochs:
-                for shard in range(self.total_shards):
+            if len(self.epochs) < self.total_shards:
+                missing = [s for s in range(self.total_shards) if s not in self.epochs]
+                for shard in missing:
                     self.epochs[shard] = self.store.take_epoch(
                         self._lease, shard, self.settings.relay_name
                     )
+                self._sink_recover(missing)
                 self._owned_changed()
             return
         self._verify_leases()
@@ -288,6 +293,7 @@ class Relay:
             for shard in extra:
                 self.store.unlock(self._lease, shard)
                 del self.epochs[shard]
+            self._sink_release(extra)
             log.info("released shards %s to %d other relay(s)", extra, live - 1)
             self._owned_changed()
         elif len(owned) < target:
@@ -302,6 +308,7 @@ class Relay:
                         self._lease, shard, self.settings.relay_name
                     )
                     taken.append(shard)
+            taken = self._sink_recover(taken)
             if taken:
                 log.info(
                     "took shards %s (now %d of %d)",
@@ -322,8 +329,75 @@ class Relay:
             log.warning("lost the leases of shards %s", sorted(lost))
             for shard in lost:
                 del self.epochs[shard]
+            self._sink_release(sorted(lost))
             self._owned_changed()
         return held
+
+    # ------------------------------------------------------------------ sink shard hooks
+    def _sink_recover(self, shards: list[int]) -> list[int]:
+        """The leases of ``shards`` were just taken (their epochs bumped): before anything of
+        them is published, let a sink with per-shard state recover them, and mark sent the ids
+        it had already delivered. Returns the shards kept; the leases of those the sink could
+        not recover now are given back (taken again at a later rebalance)."""
+        if self._hooks is None or not shards:
+            return shards
+        assert self._work is not None
+        try:
+            recovered = self._hooks.recover(shards)
+        except FatalSinkError:
+            raise
+        except SinkError as exc:
+            log.warning("shards %s: %s", shards, exc)
+            recovered = {}
+        failed = [s for s in shards if s not in recovered]
+        if failed:
+            log.warning("shards %s: the sink cannot take them now; leases given back, retried "
+                        "at a later rebalance", failed)
+            self._give_back(failed)
+        for shard, ids in sorted(recovered.items()):
+            if ids and shard in self.epochs:
+                marked = self.store.mark_sent(
+                    self._work, ids, {shard: self.epochs[shard]}, keep=self.settings.keep_sent
+                )
+                log.log(
+                    logging.INFO if marked else logging.DEBUG,
+                    "shard %d: %d of the %d ids the sink had already delivered were not marked "
+                    "sent; marked now",
+                    shard,
+                    marked,
+                    len(ids),
+                )
+        return [s for s in shards if s in recovered]
+
+    def _sink_release(self, shards: Sequence[int]) -> None:
+        if self._hooks is not None:
+            for shard in shards:
+                self._hooks.release(shard)
+
+    def _give_back(self, shards: Sequence[int]) -> None:
+        """Drop the leases of ``shards`` (still held) and tell the sink."""
+        assert self._lease is not None and self._work is not None
+        held = [s for s in shards if s in self.epochs]
+        if self.settings.wakeup == "notify":
+            self.store.set_idle(self._work, held, False)
+        for shard in held:
+            if self.settings.leases:
+                self.store.unlock(self._lease, shard)
+            del self.epochs[shard]
+        self._sink_release(held)
+
+    def _drop_lost_shards(self) -> None:
+        """Give back the shards the sink may no longer publish for (fenced by a new owner, or a
+        commit whose outcome it could not learn); taking one again recovers it."""
+        if self._hooks is None:
+            return
+        lost = sorted(self._hooks.lost_shards() & set(self.epochs))
+        if lost:
+            log.warning("shards %s: the sink can no longer publish for them; leases given back",
+                        lost)
+            self._give_back(lost)
+            self._owned_changed()
+            self._next_rebalance = 0.0  # take them again (and so recover them) soon
 
     def _owned_changed(self) -> None:
         self._cursors.clear()
@@ -358,6 +432,7 @@ class Relay:
             self.state.sink = False
             raise
         self._record(rows, outcomes, epochs)
+        self._drop_lost_shards()
         if log.isEnabledFor(logging.DEBUG):
             self._log_batch(rows, outcomes, started)
         metrics.BATCH_SIZE.observe(len(rows))

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .errors import ConfigError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
 class Settings(BaseSettings):
@@ -76,6 +77,15 @@ class Settings(BaseSettings):
     kafka_properties: dict[str, Any] = Field(default_factory=dict)
     kafka_topic_prefix: str = ""
     kafka_delivery_timeout: float = Field(default=30.0, gt=0)
+    #: exactly-once into Kafka: one transactional producer per owned shard, each batch committed
+    #: together with a progress record naming its outbox ids (docs/guarantees.md)
+    kafka_exactly_once: bool = False
+    #: ``transactional.id`` of shard n is ``<prefix>-<n>``;
+    #: default ``outbox-relay.<schema>.<table>``
+    kafka_transactional_id_prefix: str | None = Field(default=None, min_length=1, max_length=200)
+    #: compacted topic of the progress records;
+    #: default ``<transactional id prefix>.outbox-progress``
+    kafka_progress_topic: str | None = Field(default=None, min_length=1, max_length=249)
 
     # -- webhook sink (docs/webhooks.md); a routes file mixes Kafka and webhook endpoints
     webhook_url: str | None = None
@@ -145,6 +155,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected host:port[,host:port...], got {value!r}")
         return value
 
+    @field_validator("kafka_progress_topic")
+    @classmethod
+    def _topic_name(cls, value: str | None) -> str | None:
+        if value is not None and not _TOPIC.match(value):
+            raise ValueError("a Kafka topic name is letters, digits, '.', '_' and '-' only")
+        return value
+
     def sequenced(self, topic: str) -> bool:
         """Whether messages of ``topic`` get a per-key sequence (``OUTBOX_SEQUENCE_TOPICS``)."""
         from fnmatch import fnmatchcase
@@ -164,6 +181,16 @@ class Settings(BaseSettings):
         if self.lease_namespace is not None:
             return self.lease_namespace
         return zlib.crc32(f"{self.db_schema}.{self.table}".encode()) & 0x7FFFFFFF
+
+    @property
+    def transactional_id_prefix(self) -> str:
+        """Prefix of the per-shard ``transactional.id`` (exactly-once mode)."""
+        return self.kafka_transactional_id_prefix or f"outbox-relay.{self.db_schema}.{self.table}"
+
+    @property
+    def progress_topic(self) -> str:
+        """The compacted topic holding each shard's last committed batch (exactly-once mode)."""
+        return self.kafka_progress_topic or f"{self.transactional_id_prefix}.outbox-progress"
 
     def require_database_url(self) -> str:
         if not self.database_url:

@@ -1,5 +1,5 @@
 """Sinks publish outbox rows somewhere (Kafka, HTTP webhooks) behind one interface."""
 
-from .base import Outcome, Sink
+from .base import Outcome, ShardHooks, Sink
 
-__all__ = ["Outcome", "Sink"]
+__all__ = ["Outcome", "ShardHooks", "Sink"]

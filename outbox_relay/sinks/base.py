@@ -3,13 +3,17 @@
 The relay hands a sink a batch of rows in id order and gets back one :class:`Outcome` per row.
 A sink must keep the order of rows with the same key, and once a row of a key fails it must not
 deliver later rows of that key from the same batch (it returns ``Outcome.skip()`` for them).
+
+A sink that keeps state per shard (the exactly-once Kafka sink) also implements
+:class:`ShardHooks`: the relay tells it when it takes and drops a shard's lease, and asks after
+every round which shards it must give up.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..store import OutboxRow
 
@@ -70,3 +74,27 @@ class Sink(Protocol):
 
     def close(self, timeout: float) -> None:
         """Flush and release resources."""
+
+
+@runtime_checkable
+class ShardHooks(Protocol):
+    """Optional: a sink that must act when the relay takes or drops a shard's lease."""
+
+    def recover(self, shards: Sequence[int]) -> dict[int, list[int]]:
+        """Called right after the relay took the leases of ``shards``, before anything of them
+        is published: prepare each shard and return, per shard, the outbox ids the sink already
+        delivered but the previous owner may not have marked sent. The relay marks them sent
+        with its new epoch. A shard missing from the result could not be prepared now: the
+        relay gives its lease back and tries again later (so does a
+        :class:`~outbox_relay.errors.SinkError`); a
+        :class:`~outbox_relay.errors.FatalSinkError` stops the relay."""
+        ...
+
+    def release(self, shard: int) -> None:
+        """Called when the relay no longer owns ``shard`` (released, lost, connection gone)."""
+
+    def lost_shards(self) -> set[int]:
+        """Shards the sink found it may no longer publish for (fenced by another owner, or a
+        commit whose outcome is unknown) since the last call; the relay drops their leases, and
+        takes them again, with :meth:`recover`, at a later rebalance."""
+        ...

@@ -48,6 +48,19 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def message_headers(row: OutboxRow) -> list[tuple[str, str | bytes | None]]:
+    """The Kafka headers of ``row``'s message: its own, then the relay's."""
+    headers: list[tuple[str, str | bytes | None]] = [
+        (k, v.encode()) for k, v in row.headers.items()
+    ]
+    headers.append((HEADER_IDEMPOTENCY_KEY, row.idempotency_key.encode()))
+    headers.append((HEADER_OUTBOX_ID, str(row.id).encode()))
+    headers.append((HEADER_CONTENT_TYPE, row.content_type.encode()))
+    if row.seq is not None:
+        headers.append((HEADER_SEQ, str(row.seq).encode()))
+    return headers
+
+
 class KafkaSink:
     name = "kafka"
 
@@ -61,7 +74,7 @@ class KafkaSink:
         try:
             self._producer = Producer(config)
         except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigError(f"invalid Kafka configuration: {_describe(exc)}") from None
+            raise ConfigError(f"invalid Kafka configuration: {describe(exc)}") from None
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -75,7 +88,7 @@ class KafkaSink:
         try:
             self._producer.list_topics(timeout=timeout)
         except KafkaException as exc:
-            raise SinkUnavailable(f"cannot reach Kafka at {servers}: {_describe(exc)}") from None
+            raise SinkUnavailable(f"cannot reach Kafka at {servers}: {describe(exc)}") from None
 
     def publish(self, rows: Sequence[OutboxRow], timeout: float) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(rows)
@@ -98,14 +111,7 @@ class KafkaSink:
             if row.key is not None and row.key in failed_keys:
                 outcomes[i] = Outcome.skip()
                 continue
-            headers: list[tuple[str, str | bytes | None]] = [
-                (k, v.encode()) for k, v in row.headers.items()
-            ]
-            headers.append((HEADER_IDEMPOTENCY_KEY, row.idempotency_key.encode()))
-            headers.append((HEADER_OUTBOX_ID, str(row.id).encode()))
-            headers.append((HEADER_CONTENT_TYPE, row.content_type.encode()))
-            if row.seq is not None:
-                headers.append((HEADER_SEQ, str(row.seq).encode()))
+            headers = message_headers(row)
             while True:
                 try:
                     produce(
@@ -119,7 +125,7 @@ class KafkaSink:
                 except BufferError:
                     poll(0.05)
                 except KafkaException as exc:
-                    outcomes[i] = Outcome.fail(f"kafka: {_describe(exc)}")
+                    outcomes[i] = Outcome.fail(f"kafka: {describe(exc)}")
                     if row.key is not None:
                         failed_keys.add(row.key)
                     break
@@ -147,7 +153,8 @@ class KafkaSink:
         self._producer.flush(timeout)
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """One line for a Kafka exception: librdkafka's text and the error's name."""
     if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
         err = exc.args[0]
         return f"{err.str()} ({err.name()})"

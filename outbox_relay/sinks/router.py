@@ -156,6 +156,15 @@ def _retarget(row: OutboxRow, route: Route) -> OutboxRow:
 
 def make_sink(settings: Settings) -> Any:
     """The sink ``outbox-relay run`` uses, from settings."""
+    if settings.kafka_exactly_once:
+        if settings.routes_file is not None or settings.sink != "kafka":
+            raise ConfigError(
+                "OUTBOX_KAFKA_EXACTLY_ONCE=true works with the Kafka sink only (OUTBOX_SINK=kafka, "
+                "no OUTBOX_ROUTES_FILE)"
+            )
+        from .kafka_eos import KafkaExactlyOnceSink
+
+        return KafkaExactlyOnceSink(settings)
     if settings.routes_file is not None:
         return RouterSink.from_settings(settings)
     if settings.sink == "webhook":

@@ -72,7 +72,30 @@ def finish(
     return report
 
 
-def assert_clean(report: Report, crash_events: int) -> None:
+@pytest.fixture(params=["at_least_once", "exactly_once"])
+def delivery(request: pytest.FixtureRequest, outbox: Outbox, kafka_bootstrap: str) -> Iterator[str]:
+    """A scenario runs once per delivery mode: at-least-once, and exactly-once (every relay it
+    starts has OUTBOX_KAFKA_EXACTLY_ONCE=true). The checker's consumer reads read_committed."""
+    mode = str(request.param)
+    if mode == "exactly_once":
+        outbox.env["OUTBOX_KAFKA_EXACTLY_ONCE"] = "true"
+    yield mode
+    if mode == "exactly_once":
+        from confluent_kafka.admin import AdminClient
+
+        from outbox_relay.settings import load_settings
+
+        progress = load_settings(db_schema=outbox.schema, table=outbox.table).progress_topic
+        AdminClient({"bootstrap.servers": kafka_bootstrap}).delete_topics([progress])
+
+
+def named(scenario: str, delivery: str) -> str:
+    return scenario + ("_eos" if delivery == "exactly_once" else "")
+
+
+def assert_clean(report: Report, crash_events: int, delivery: str = "at_least_once") -> None:
+    if delivery == "exactly_once":
+        assert report.duplicates == 0, report
     assert report.committed > 0
     assert report.lost == 0, report
     assert report.unexpected == 0, report
@@ -125,6 +148,7 @@ def test_relay_sigkilled_repeatedly(
     producer_engine: Engine,
     relay_factory: Callable[..., RelayProcess],
     record: Callable[..., None],
+    delivery: str,
 ) -> None:
     started = time.monotonic()
     relays = [relay_factory(**RELAY_ENV)]
@@ -142,7 +166,7 @@ def test_relay_sigkilled_repeatedly(
     wl = Workload(producer_engine, topic)
     wl.run_for(14, fault)
     report = finish(
-        "relay_sigkill",
+        named("relay_sigkill", delivery),
         outbox,
         topic,
         kafka_bootstrap,
@@ -151,9 +175,9 @@ def test_relay_sigkilled_repeatedly(
         relay_factory,
         healthy=relays[-1],
     )
-    record(report, kills=kills)
+    record(report, kills=kills, delivery=delivery)
     assert kills >= 5
-    assert_clean(report, kills)
+    assert_clean(report, kills, delivery)
 
 
 # 2 -------------------------------------------------------------------------------------------
@@ -161,7 +185,7 @@ def test_relay_sigkilled_repeatedly(
 def test_relay_backends_terminated(outbox: Outbox, topic: str, kafka_bootstrap: str,
                                    producer_engine: Engine,
                                    relay_factory: Callable[..., RelayProcess],
-                                   record: Callable[..., None]) -> None:
+                                   record: Callable[..., None], delivery: str) -> None:
     terminated = 0
 
     def fault(relay: RelayProcess) -> None:
@@ -172,11 +196,11 @@ def test_relay_backends_terminated(outbox: Outbox, topic: str, kafka_bootstrap: 
             time.sleep(rnd.uniform(0.5, 1.5))
             terminated += _kill_relay_backends(outbox)
 
-    report, relay, _ = run_with_fault("pg_terminate_backend", outbox, topic, kafka_bootstrap,
-                                      producer_engine, relay_factory, fault, 12)
-    record(report, backends_terminated=terminated)
+    report, relay, _ = run_with_fault(named("pg_terminate_backend", delivery), outbox, topic,
+                                      kafka_bootstrap, producer_engine, relay_factory, fault, 12)
+    record(report, backends_terminated=terminated, delivery=delivery)
     assert terminated >= 6 and relay.alive(), "the relay must survive, not exit"
-    assert_clean(report, 6)
+    assert_clean(report, 6, delivery)
 
 
 # 3 -------------------------------------------------------------------------------------------
@@ -184,17 +208,17 @@ def test_relay_backends_terminated(outbox: Outbox, topic: str, kafka_bootstrap: 
 def test_postgres_restarted_under_load(outbox: Outbox, topic: str, kafka_bootstrap: str,
                                        producer_engine: Engine,
                                        relay_factory: Callable[..., RelayProcess],
-                                       record: Callable[..., None]) -> None:
+                                       record: Callable[..., None], delivery: str) -> None:
     def fault(_relay: RelayProcess) -> None:
         for _ in range(2):
             time.sleep(3)
             services("pg-restart")
 
-    report, relay, wl = run_with_fault("postgres_restart", outbox, topic, kafka_bootstrap,
-                                       producer_engine, relay_factory, fault, 12)
-    record(report, restarts=2, producer_errors=wl.errors)
+    report, relay, wl = run_with_fault(named("postgres_restart", delivery), outbox, topic,
+                                      kafka_bootstrap, producer_engine, relay_factory, fault, 12)
+    record(report, restarts=2, producer_errors=wl.errors, delivery=delivery)
     assert relay.alive(), "the relay must reconnect, not exit"
-    assert_clean(report, 2)
+    assert_clean(report, 2, delivery)
 
 
 # 4 -------------------------------------------------------------------------------------------
@@ -202,7 +226,7 @@ def test_postgres_restarted_under_load(outbox: Outbox, topic: str, kafka_bootstr
 def test_kafka_broker_stopped_and_started(outbox: Outbox, topic: str, kafka_bootstrap: str,
                                           producer_engine: Engine,
                                           relay_factory: Callable[..., RelayProcess],
-                                          record: Callable[..., None]) -> None:
+                                          record: Callable[..., None], delivery: str) -> None:
     def fault(_relay: RelayProcess) -> None:
         try:
             time.sleep(3)
@@ -211,11 +235,11 @@ def test_kafka_broker_stopped_and_started(outbox: Outbox, topic: str, kafka_boot
         finally:
             services("kafka-start")
 
-    report, relay, _ = run_with_fault("kafka_broker_down", outbox, topic, kafka_bootstrap,
-                                      producer_engine, relay_factory, fault, 16)
-    record(report)
+    report, relay, _ = run_with_fault(named("kafka_broker_down", delivery), outbox, topic,
+                                      kafka_bootstrap, producer_engine, relay_factory, fault, 16)
+    record(report, delivery=delivery)
     assert relay.alive()
-    assert_clean(report, 1)
+    assert_clean(report, 1, delivery)
 
 
 # 5 -------------------------------------------------------------------------------------------
@@ -227,6 +251,7 @@ def test_three_relays_one_killed_no_overlap(
     producer_engine: Engine,
     relay_factory: Callable[..., RelayProcess],
     record: Callable[..., None],
+    delivery: str,
 ) -> None:
     started = time.monotonic()
     relays = [relay_factory(**RELAY_ENV) for _ in range(3)]
@@ -282,7 +307,7 @@ def test_three_relays_one_killed_no_overlap(
         stop.set()
         sampler.join(10)
     report = finish(
-        "three_relays_one_killed",
+        named("three_relays_one_killed", delivery),
         outbox,
         topic,
         kafka_bootstrap,
@@ -291,9 +316,9 @@ def test_three_relays_one_killed_no_overlap(
         relay_factory,
         healthy=relays[-1],
     )
-    record(report, lock_samples=samples, overlaps=len(overlaps))
+    record(report, lock_samples=samples, overlaps=len(overlaps), delivery=delivery)
     assert samples > 50 and overlaps == []
-    assert_clean(report, 1)
+    assert_clean(report, 1, delivery)
 
 
 # 6 -------------------------------------------------------------------------------------------
