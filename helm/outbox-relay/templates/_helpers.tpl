@@ -135,6 +135,7 @@ OUTBOX_KAFKA_TOPIC_PREFIX: kafka.topicPrefix
 OUTBOX_KAFKA_DELIVERY_TIMEOUT: kafka.deliveryTimeout
 OUTBOX_KAFKA_EXACTLY_ONCE: kafka.exactlyOnce
 OUTBOX_KAFKA_TRANSACTIONAL_ID_PREFIX: kafka.transactionalIdPrefix
+OUTBOX_KAFKA_PROGRESS_TOPIC: kafka.progressTopic
 OUTBOX_WEBHOOK_TIMEOUT: webhook.timeout
 OUTBOX_WEBHOOK_CONCURRENCY: webhook.concurrency
 OUTBOX_WEBHOOK_ALLOW_PRIVATE: webhook.allowPrivate
