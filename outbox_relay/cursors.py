@@ -65,6 +65,17 @@ class FetchCursors:
             for sh in shards
         ]
 
+    def may_go_stale(self, shards: Sequence[int], after: Sequence[int]) -> bool:
+        """Is a running transaction remembered whose rows may lie below where a shard was
+        read (only those can make a fetch :meth:`stale`)?"""
+        start = dict(zip(shards, after, strict=True))
+        return any(
+            below.get(sh, 0) < start[sh]
+            for below in self._running.values()
+            for sh in shards
+            if start[sh]
+        )
+
     def stale(self, running: Collection[int], shards: Sequence[int], after: Sequence[int]) -> bool:
         """After a fetch planned with ``after``: has a transaction whose rows may lie below
         where a shard was read ended meanwhile (it is not in ``running``, listed after the

@@ -453,12 +453,11 @@ class Relay:
         full = now >= self._next_rescan
         if full:
             self._next_rescan = now + s.rescan_interval
-        running = self.store.running_xids(self._work)
-        retrying, blocked = self.store.held(self._work, shards, s.strict_order)
+        retrying, blocked, running = self.store.held(self._work, shards, s.strict_order)
         from_start = shards if full else retrying
         after = self._cursors.plan(running, shards, from_start)
         rows = self.store.fetch(self._work, shards, blocked, per_shard, after)
-        if any(after):
+        if self._cursors.may_go_stale(shards, after):
             running = self.store.running_xids(self._work)
             if self._cursors.stale(running, shards, after):
                 after = self._cursors.plan(running, shards, from_start)

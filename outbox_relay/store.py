@@ -542,11 +542,19 @@ class Store:
 
     def held(
         self, conn: psycopg.Connection[Any], shards: Sequence[int], strict: bool
-    ) -> tuple[set[int], list[str]]:
-        """Shards with rows in retry state (to be read from their start), and the keys that
-        must wait (backoff not over, or dead under strict order)."""
-        rows = self._run(conn, "held", {"shards": list(shards), "strict": strict}).fetchall()
-        return {int(r[0]) for r in rows}, sorted({str(r[1]) for r in rows if r[2] and r[1]})
+    ) -> tuple[set[int], list[str], set[int]]:
+        """Shards with rows in retry state (to be read from their start), the keys that must
+        wait (backoff not over, or dead under strict order), and (listed first, in the same
+        round trip) the transaction ids running (:meth:`running_xids`)."""
+        with conn.pipeline():
+            running = self._run(conn, "running_xids", {})
+            held = self._run(conn, "held", {"shards": list(shards), "strict": strict})
+        rows = held.fetchall()
+        return (
+            {int(r[0]) for r in rows},
+            sorted({str(r[1]) for r in rows if r[2] and r[1]}),
+            {int(r[0]) for r in running.fetchall()},
+        )
 
     def fetch(
         self,

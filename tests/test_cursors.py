@@ -53,6 +53,7 @@ def test_stale_when_a_remembered_transaction_ends_during_the_fetch() -> None:
     fetch(c, {9}, {0: 200, 1: 200})
     after = c.plan({9}, SHARDS)
     assert after == [100, 100]
+    assert c.may_go_stale(SHARDS, after) is True  # 9's rows may lie below 100
     assert c.stale({9}, SHARDS, after) is False
     assert c.stale(set(), SHARDS, after) is True  # 9 ended between the list and the fetch
     assert c.plan(set(), SHARDS) == [0, 0]  # planned again: read from where 9 began
@@ -61,6 +62,7 @@ def test_stale_when_a_remembered_transaction_ends_during_the_fetch() -> None:
     fetch(d, set(), {0: 100, 1: 100})
     fetch(d, set(), {0: 200, 1: 200})
     after = d.plan({11}, SHARDS)
+    assert d.may_go_stale(SHARDS, after) is False  # no need to list again after this fetch
     assert d.stale(set(), SHARDS, after) is False
 
 
