@@ -325,12 +325,13 @@ def phase_txn(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: Path) -
             relay = RelayProcess(box, logdir / "txn.log")
             try:
                 relay.wait_ready()
-                variants = ["plain", "outbox", "no_trigger"]
+                variants = ["plain", "outbox", "no_trigger", "sequenced"]
                 for rep in range(cfg["reps"]):
                     tps: dict[str, float] = {}
-                    order = variants[rep % 3:] + variants[: rep % 3]  # rotate against drift
+                    shift = rep % len(variants)
+                    order = variants[shift:] + variants[:shift]  # rotate against drift
                     for v in order:
-                        body = script["plain" if v == "plain" else "outbox"]
+                        body = script["outbox" if v == "no_trigger" else v]
                         r = txn_round(box, relay, v, body, cfg["writers"],
                                       cfg["pgbench_threads"], cfg["txn_seconds"])
                         tps[v] = r["tps"]
@@ -341,8 +342,12 @@ def phase_txn(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: Path) -
                     rec.add("no_trigger_txn_per_s", tps["no_trigger"])
                     rec.add("producer_overhead_ratio", tps["outbox"] / tps["plain"])
                     rec.add("wakeup_overhead_ratio", tps["outbox"] / tps["no_trigger"])
+                    rec.add("sequenced_txn_per_s", tps["sequenced"])
+                    rec.add("sequenced_producer_overhead_ratio", tps["sequenced"] / tps["plain"])
+                    rec.add("sequence_overhead_ratio", tps["sequenced"] / tps["outbox"])
                     log(f"rep {rep + 1}: txn/s plain {tps['plain']:,.0f}, outbox "
-                        f"{tps['outbox']:,.0f}, no trigger {tps['no_trigger']:,.0f}")
+                        f"{tps['outbox']:,.0f}, no trigger {tps['no_trigger']:,.0f}, "
+                        f"sequenced {tps['sequenced']:,.0f}")
                 for rep in range(cfg["reps"]):
                     topic = new_topic("sustained")
                     body = scripts(box, topic, cfg["payload_bytes"])["outbox"]
@@ -478,6 +483,9 @@ ORDER = [
     ("producer_overhead_ratio", "", "outbox / plain"),
     ("no_trigger_txn_per_s", "txn/s", "outbox txns, NOTIFY trigger dropped"),
     ("wakeup_overhead_ratio", "", "outbox / no trigger"),
+    ("sequenced_txn_per_s", "txn/s", "outbox txns with a per-key sequence at commit"),
+    ("sequenced_producer_overhead_ratio", "", "sequenced / plain"),
+    ("sequence_overhead_ratio", "", "sequenced / outbox: what the sequence costs"),
     ("sustained_lag_ms_p50", "ms", "commit -> consumed, producers flat out"),
     ("sustained_lag_ms_p99", "ms", ""),
     ("sustained_producer_txn_per_s", "txn/s", "producers during the lag run"),
@@ -534,7 +542,7 @@ def foreign_load(extra: dict[str, list[Any]]) -> dict[str, float]:
     other people's work on a shared machine. Large values mean noisy figures."""
     groups = {
         "drain": [d["cores"] for d in extra.get("drain_detail", [])],
-        "txn": [r["cores"] for v in ("plain", "outbox", "no_trigger")
+        "txn": [r["cores"] for v in ("plain", "outbox", "no_trigger", "sequenced")
                 for r in extra.get(f"txn_{v}", [])],
         "sustained": [d["cores"] for d in extra.get("sustained_detail", [])],
     }

@@ -1,6 +1,7 @@
 """Producer-side cost, with pgbench: 8 concurrent writers, each transaction a business insert
 into a small ``orders`` table, without / with an outbox row (the SQL ``enqueue`` sends, a ~1 KB
-payload, a time-ordered UUIDv7 idempotency key), and with the NOTIFY trigger dropped.
+payload, a time-ordered UUIDv7 idempotency key), with the NOTIFY trigger dropped, and with a
+per-key sequence number assigned at commit (``OUTBOX_SEQUENCE_TOPICS``).
 
 The same outbox script run flat out, with a consumer in this process, gives the relay's
 sustained lag: each row carries ``clock_timestamp()`` taken just before COMMIT in a header (which
@@ -65,7 +66,13 @@ def scripts(box: BenchOutbox, topic: str, payload_bytes: int) -> dict[str, str]:
     sets = "\\set c random(1, 1000000)\n\\set k random(0, 999)\n"
     plain = f"{sets}BEGIN;\n{ORDER_INSERT.format(orders=orders)}\nCOMMIT;\n"
     with_outbox = f"{sets}BEGIN;\n{ORDER_INSERT.format(orders=orders)}\n{outbox}\nCOMMIT;\n"
-    return {"plain": plain, "outbox": with_outbox}
+    # per-key sequences (OUTBOX_SEQUENCE_TOPICS): enqueue writes seq = 0 and the deferred
+    # trigger numbers the row at COMMIT from the key's counter row
+    sequenced = with_outbox.replace(
+        "content_type, headers)", "content_type, headers, seq)"
+    ).replace("::text)) ON CONFLICT", "::text), 0) ON CONFLICT")
+    assert sequenced != with_outbox
+    return {"plain": plain, "outbox": with_outbox, "sequenced": sequenced}
 
 
 def pgbench(box: BenchOutbox, script: str, clients: int, threads: int, seconds: float

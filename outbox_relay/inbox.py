@@ -512,6 +512,24 @@ def _require(session: object, kinds: tuple[type, ...], name: str) -> None:
         raise WrongSessionType(f"{name} needs a sqlalchemy {wanted}, not {type(session).__name__}")
 
 
+class _Translated:
+    """A missing inbox table becomes :class:`~outbox_relay.errors.InboxTableMissing` (one
+    line); other database errors pass through as they are. Shared by the sync and async twin."""
+
+    def __init__(self, schema: str | None, table: str | None) -> None:
+        self._schema = schema
+        self._table = table
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _typ: object, exc: BaseException | None, _tb: object) -> None:
+        if isinstance(exc, DBAPIError):
+            translated = _translate(exc, self._schema, self._table)
+            if translated is not exc:
+                raise translated from exc
+
+
 def process_once(
     session: Session | Connection,
     message: Any,
@@ -533,21 +551,17 @@ def process_once(
     _require(session, (Session, Connection), "process_once")
     msg, steps = _prepare(message, consumer, schema, table)
     try:
-        stmt = next(steps)
-        while True:
-            if isinstance(session, Session):
-                with session.no_autoflush:
+        with _Translated(schema, table):
+            stmt = next(steps)
+            while True:
+                if isinstance(session, Session):
+                    with session.no_autoflush:
+                        row = session.execute(stmt).first()
+                else:
                     row = session.execute(stmt).first()
-            else:
-                row = session.execute(stmt).first()
-            stmt = steps.send(row)
+                stmt = steps.send(row)
     except StopIteration as done:
         new = bool(done.value)
-    except DBAPIError as exc:
-        translated = _translate(exc, schema, table)
-        if translated is exc:
-            raise
-        raise translated from exc
     if new and handler is not None:
         handler(msg)
     return new
@@ -566,21 +580,17 @@ async def process_once_async(
     _require(session, (AsyncSession, AsyncConnection), "process_once_async")
     msg, steps = _prepare(message, consumer, schema, table)
     try:
-        stmt = next(steps)
-        while True:
-            if isinstance(session, AsyncSession):
-                with session.no_autoflush:
+        with _Translated(schema, table):
+            stmt = next(steps)
+            while True:
+                if isinstance(session, AsyncSession):
+                    with session.no_autoflush:
+                        row = (await session.execute(stmt)).first()
+                else:
                     row = (await session.execute(stmt)).first()
-            else:
-                row = (await session.execute(stmt)).first()
-            stmt = steps.send(row)
+                stmt = steps.send(row)
     except StopIteration as done:
         new = bool(done.value)
-    except DBAPIError as exc:
-        translated = _translate(exc, schema, table)
-        if translated is exc:
-            raise
-        raise translated from exc
     if new and handler is not None:
         result = handler(msg)
         if inspect.isawaitable(result):

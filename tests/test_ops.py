@@ -175,11 +175,9 @@ def test_status_matches_the_table_and_shows_owners_after_a_kill(
 
     def split() -> bool:
         relays = _status(outbox)["relays"]
-        return (
-            len(relays) == 2
-            and sum(r["shards"] for r in relays) == outbox.shards
-            and all(r["shards"] for r in relays)
-        )
+        # balanced, not just all owned: a relay that took more than its share at start (both
+        # started together) releases the extra ones a moment later, unowned until taken
+        return len(relays) == 2 and all(r["shards"] == outbox.shards // 2 for r in relays)
 
     wait_for(split, 30, "two relays sharing the shards in status")
     st = _status(outbox)

@@ -486,7 +486,7 @@ def test_delivers_signed_messages_with_secret_rotation(
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     old, new = new_secret(), new_secret()
-    relay = _start(relay_factory, receiver, f"{old} {new}")
+    relay = _start(relay_factory, receiver, f"{old} {new}", OUTBOX_KEEP_SENT="true")
     _enqueue(engine, [
         Message("orders.created", {"order": 1}, key="c-1", idempotency_key="ik-1",
                 headers={"traceparent": "00-abc-01", "Webhook-Id": "spoofed"}),
@@ -557,14 +557,16 @@ def test_retry_after_is_respected(
     receiver.rule = lambda h: (Reply(status, {"Retry-After": retry_after()}, b"slow down")
                                if h.attempt == 1 else Reply())
     _start(relay_factory, receiver, new_secret(), OUTBOX_POLL_INTERVAL="0.1",
-           OUTBOX_RETRY_BACKOFF_BASE="0.05")
+           OUTBOX_RETRY_BACKOFF_BASE="0.05", OUTBOX_KEEP_SENT="true")
     _enqueue(engine, _msgs("r", 3))
     receiver.wait(lambda r: len(r.delivered()) == 3, 30, "deliveries after Retry-After")
     hits = receiver.snapshot()
     first = min(h.at for h in hits)
     retries = [h for h in hits if h.attempt > 1]
     assert retries and all(h.at - first >= 2.0 for h in retries), [h.at - first for h in hits]
+    wait_for(lambda: outbox.pending() == 0, 10, "marked sent")
     errors = [e for (e,) in outbox.sql("SELECT last_error FROM {t}")]
+    assert len(errors) == 3
     assert all(f"HTTP {status}" in e and "Retry-After" in e for e in errors), errors
 
 
@@ -885,7 +887,7 @@ def test_secret_and_url_token_never_in_logs_or_status(
                                if h.attempt == 1 else Reply())
     relay = _start(relay_factory, receiver, secret, OUTBOX_WEBHOOK_URL=url,
                    OUTBOX_LOG_LEVEL="DEBUG", OUTBOX_RETRY_BACKOFF_BASE="0.1",
-                   OUTBOX_POLL_INTERVAL="0.2")
+                   OUTBOX_POLL_INTERVAL="0.2", OUTBOX_KEEP_SENT="true")
     _enqueue(engine, _msgs("x", 3))
     receiver.wait(lambda r: len(r.delivered()) == 3, 30, "deliveries")
     wait_for(lambda: outbox.pending() == 0, 10, "marked sent")

@@ -84,11 +84,7 @@ class KafkaSink:
             log.debug("kafka client error: %s", err.str())
 
     def check(self, timeout: float = 10.0) -> None:
-        servers = self._settings.kafka_bootstrap_servers
-        try:
-            self._producer.list_topics(timeout=timeout)
-        except KafkaException as exc:
-            raise SinkUnavailable(f"cannot reach Kafka at {servers}: {describe(exc)}") from None
+        check_reachable(self._producer, self._settings.kafka_bootstrap_servers, timeout)
 
     def publish(self, rows: Sequence[OutboxRow], timeout: float) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(rows)
@@ -151,6 +147,15 @@ class KafkaSink:
 
     def close(self, timeout: float) -> None:
         self._producer.flush(timeout)
+
+
+def check_reachable(client: Any, servers: str | None, timeout: float) -> None:
+    """Raise :class:`SinkUnavailable` unless ``client`` (a producer or an admin client) gets
+    the cluster's metadata within ``timeout`` seconds."""
+    try:
+        client.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise SinkUnavailable(f"cannot reach Kafka at {servers}: {describe(exc)}") from None
 
 
 def describe(exc: BaseException) -> str:

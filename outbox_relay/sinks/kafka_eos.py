@@ -64,7 +64,7 @@ from ..errors import ConfigError, FatalSinkError, SinkUnavailable
 from ..settings import Settings
 from ..store import OutboxRow
 from .base import Outcome
-from .kafka import describe, message_headers, producer_config
+from .kafka import check_reachable, describe, message_headers, producer_config
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +161,7 @@ class KafkaExactlyOnceSink:
 
     # ------------------------------------------------------------------ Sink
     def check(self, timeout: float = 10.0) -> None:
-        servers = self._settings.kafka_bootstrap_servers
-        try:
-            self._admin.list_topics(timeout=timeout)
-        except KafkaException as exc:
-            raise SinkUnavailable(f"cannot reach Kafka at {servers}: {describe(exc)}") from None
+        check_reachable(self._admin, self._settings.kafka_bootstrap_servers, timeout)
 
     def publish(self, rows: Sequence[OutboxRow], timeout: float) -> list[Outcome]:
         deadline = time.monotonic() + timeout
