@@ -144,6 +144,20 @@ class Received:
     headers: dict[str, str]
 
 
+def received(msg: Any) -> Received:
+    """A consumed Kafka message as the tests compare it (headers decoded, missing ones "")."""
+    headers = {k: (v.decode() if v is not None else "") for k, v in msg.headers() or []}
+    key = msg.key()
+    return Received(
+        msg.topic(),
+        msg.partition(),
+        msg.offset(),
+        key.decode() if key is not None else None,
+        msg.value(),
+        headers,
+    )
+
+
 def consume(
     bootstrap: str, topic: str, expected: int, timeout: float = 60.0, settle: float = 0.0
 ) -> list[Received]:
@@ -173,19 +187,8 @@ def consume(
             msg = consumer.poll(0.2)
             if msg is None or msg.error():
                 continue
-            headers = {k: (v.decode() if v is not None else "") for k, v in msg.headers() or []}
-            key = msg.key()
-            unique.add(headers.get("idempotency-key", ""))
-            got.append(
-                Received(
-                    msg.topic(),
-                    msg.partition(),
-                    msg.offset(),
-                    key.decode() if key is not None else None,
-                    msg.value(),
-                    headers,
-                )
-            )
+            got.append(received(msg))
+            unique.add(got[-1].headers.get("idempotency-key", ""))
     finally:
         consumer.close()
     return got

@@ -34,7 +34,7 @@ from outbox_relay.settings import conninfo, load_settings
 from outbox_relay.sinks.kafka_eos import KafkaExactlyOnceSink
 from outbox_relay.store import OutboxRow
 
-from .conftest import Outbox, Received, RelayProcess, consume, run_cli, wait_for
+from .conftest import Outbox, Received, RelayProcess, consume, received, run_cli, wait_for
 
 EOS = {"OUTBOX_KAFKA_EXACTLY_ONCE": "true"}
 
@@ -147,18 +147,7 @@ def _consume_raw(bootstrap: str, topic: str, isolation: str, seconds: float = 5)
                 if msg.error().code() == KafkaError._PARTITION_EOF:
                     eof.add(msg.partition())
                 continue
-            headers = {k: (v.decode() if v else "") for k, v in msg.headers() or []}
-            key = msg.key()
-            out.append(
-                Received(
-                    msg.topic(),
-                    msg.partition(),
-                    msg.offset(),
-                    key.decode() if key is not None else None,
-                    msg.value(),
-                    headers,
-                )
-            )
+            out.append(received(msg))
     finally:
         consumer.close()
     return out
