@@ -450,7 +450,7 @@ class Relay:
         assert self._work is not None
         s = self.settings
         now = time.monotonic()
-        full = now >= self._next_rescan
+        full = s.rescan_interval == 0 or now >= self._next_rescan
         if full:
             self._next_rescan = now + s.rescan_interval
         retrying, blocked, running = self.store.held(self._work, shards, s.strict_order)
