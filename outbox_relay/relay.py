@@ -454,6 +454,10 @@ class Relay:
         if full:
             self._next_rescan = now + s.rescan_interval
         retrying, blocked, running = self.store.held(self._work, shards, s.strict_order)
+        for shard in retrying:
+            # its blocked keys' rows are left out of this read: no cursor may pass them, so the
+            # first read after the shard's retries are through starts at its first row again
+            self._cursors.reset(shard)
         from_start = shards if full else retrying
         after = self._cursors.plan(running, shards, from_start)
         rows = self.store.fetch(self._work, shards, blocked, per_shard, after)
