@@ -449,11 +449,17 @@ class Relay:
         """
         assert self._work is not None
         s = self.settings
+        cursors = s.rescan_interval > 0
+        retrying, blocked, running = self.store.held(
+            self._work, shards, s.strict_order, list_running=cursors
+        )
+        if not cursors:  # the default: every shard from its first pending row, no bookkeeping
+            self._read = shards
+            return self.store.fetch(self._work, shards, blocked, per_shard)
         now = time.monotonic()
-        full = s.rescan_interval == 0 or now >= self._next_rescan
+        full = now >= self._next_rescan
         if full:
             self._next_rescan = now + s.rescan_interval
-        retrying, blocked, running = self.store.held(self._work, shards, s.strict_order)
         for shard in retrying:
             # its blocked keys' rows are left out of this read: no cursor may pass them, so the
             # first read after the shard's retries are through starts at its first row again

@@ -541,19 +541,31 @@ class Store:
         return {int(r[0]) for r in rows}
 
     def held(
-        self, conn: psycopg.Connection[Any], shards: Sequence[int], strict: bool
+        self,
+        conn: psycopg.Connection[Any],
+        shards: Sequence[int],
+        strict: bool,
+        *,
+        list_running: bool,
     ) -> tuple[set[int], list[str], set[int]]:
         """Shards with rows in retry state (to be read from their start), the keys that must
-        wait (backoff not over, or dead under strict order), and (listed first, in the same
-        round trip) the transaction ids running (:meth:`running_xids`)."""
-        with conn.pipeline():
-            running = self._run(conn, "running_xids", {})
-            held = self._run(conn, "held", {"shards": list(shards), "strict": strict})
-        rows = held.fetchall()
+        wait (backoff not over, or dead under strict order), and, with ``list_running`` (fetch
+        cursors on), the transaction ids running, listed first in the same round trip
+        (:meth:`running_xids`)."""
+        params = {"shards": list(shards), "strict": strict}
+        if not list_running:
+            rows = self._run(conn, "held", params).fetchall()
+            running_rows: list[Any] = []
+        else:
+            with conn.pipeline():
+                running = self._run(conn, "running_xids", {})
+                held = self._run(conn, "held", params)
+            rows = held.fetchall()
+            running_rows = running.fetchall()
         return (
             {int(r[0]) for r in rows},
             sorted({str(r[1]) for r in rows if r[2] and r[1]}),
-            {int(r[0]) for r in running.fetchall()},
+            {int(r[0]) for r in running_rows},
         )
 
     def fetch(
