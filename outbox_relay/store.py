@@ -101,15 +101,19 @@ class Store:
         )
         # One round trip, up to `limit` pending rows per owned shard, each in id order, each
         # shard from just past its cursor (`after`; 0 reads the shard from its first row).
+        # The row comparison can only be an index condition of pending_idx (shard, id): with
+        # `p.id > s.after` the planner walked the primary key in id order instead, filtering
+        # out the other shards' rows and stepping over every deleted row (~15x slower).
         q(
             "fetch",
             "SELECT " + cols + " FROM unnest(%(shards)s::smallint[], %(after)s::bigint[])"
             " AS s(shard, after)"
             " CROSS JOIN LATERAL (SELECT * FROM {t} p WHERE p.shard = s.shard"
-            "   AND p.id > s.after AND p.sent_at IS NULL AND p.dead_at IS NULL"
+            "   AND (p.shard, p.id) > (s.shard, s.after) AND p.sent_at IS NULL"
+            "   AND p.dead_at IS NULL"
             "   AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= now())"
             "   AND (p.key IS NULL OR p.key <> ALL(%(blocked)s::text[]))"
-            "   ORDER BY p.id LIMIT %(limit)s) AS o ORDER BY o.id",
+            "   ORDER BY p.shard, p.id LIMIT %(limit)s) AS o ORDER BY o.id",
         )
         # The lowest pending sequence number of each given (topic, key): a key's sequenced rows
         # are published only in a contiguous run starting there.
