@@ -76,7 +76,7 @@ COMMON: dict[str, Any] = {
     "low_rate_msgs_per_s": 20,
     "writers": 8,
     "pgbench_threads": 2,
-    "relay_batch_size": "default (1000)",
+    "relay_batch_size": "default (4000 for the Kafka sink)",
     "relay_poll_interval_s": "default (2.0)",
     "relay_wakeup": "notify unless stated (poll_only: --poll-only)",
 }

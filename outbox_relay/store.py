@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -29,8 +30,10 @@ REPLAY_HEADER = "outbox-replay"
 DISCARD_HEADER = "outbox-discarded"
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
+class OutboxRow(NamedTuple):
+    """A pending row as the relay reads it (a named tuple: built ~5x faster than a frozen
+    dataclass, which counts at tens of thousands of rows a second)."""
+
     id: int
     idempotency_key: str
     topic: str
@@ -40,7 +43,8 @@ class OutboxRow:
     headers: dict[str, str]
     shard: int
     attempts: int
-    created_at: dt.datetime
+    #: when the row was written, Unix seconds (a float decodes ~15x faster than a datetime)
+    created_at: float
     #: per-key sequence in commit order (topics in OUTBOX_SEQUENCE_TOPICS), else None
     seq: int | None = None
 
@@ -80,7 +84,7 @@ class Store:
         # headers as text: most rows have none ('{}'), and parsing is skipped for those
         cols = (
             "o.id, o.idempotency_key, o.topic, o.key, o.payload, o.content_type, o.headers::text, "
-            "o.shard, o.attempts, o.created_at, o.seq"
+            "o.shard, o.attempts, extract(epoch FROM o.created_at)::float8, o.seq"
         )
         q("meta", "SELECT name, value FROM {meta}")
         q(
@@ -101,19 +105,23 @@ class Store:
         )
         # One round trip, up to `limit` pending rows per owned shard, each in id order, each
         # shard from just past its cursor (`after`; 0 reads the shard from its first row).
-        # The row comparison can only be an index condition of pending_idx (shard, id): with
-        # `p.id > s.after` the planner walked the primary key in id order instead, filtering
-        # out the other shards' rows and stepping over every deleted row (~15x slower).
+        # The rows come shard by shard; the caller puts them in id order (sorting ~4 MB of rows
+        # in the statement spilled to disk beyond work_mem).
+        # The shard is bounded by row comparisons, never `p.shard = s.shard`: only pending_idx
+        # (shard, id) can then give the order and the bounds. With an equality the planner may
+        # walk the primary key in id order instead, filtering out the other shards' rows and
+        # stepping over every deleted row (~15x slower on a drained backlog).
         q(
             "fetch",
             "SELECT " + cols + " FROM unnest(%(shards)s::smallint[], %(after)s::bigint[])"
             " AS s(shard, after)"
-            " CROSS JOIN LATERAL (SELECT * FROM {t} p WHERE p.shard = s.shard"
-            "   AND (p.shard, p.id) > (s.shard, s.after) AND p.sent_at IS NULL"
+            " CROSS JOIN LATERAL (SELECT * FROM {t} p"
+            "   WHERE (p.shard, p.id) > (s.shard, s.after)"
+            "   AND (p.shard, p.id) < (s.shard, 9223372036854775807) AND p.sent_at IS NULL"
             "   AND p.dead_at IS NULL"
             "   AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= now())"
             "   AND (p.key IS NULL OR p.key <> ALL(%(blocked)s::text[]))"
-            "   ORDER BY p.shard, p.id LIMIT %(limit)s) AS o ORDER BY o.id",
+            "   ORDER BY p.shard, p.id LIMIT %(limit)s) AS o",
         )
         # The lowest pending sequence number of each given (topic, key): a key's sequenced rows
         # are published only in a contiguous run starting there.
@@ -594,9 +602,11 @@ class Store:
             binary=True,
         )
         loads = json.loads
+        raw = cur.fetchall()
+        raw.sort(key=_first)  # id order across the shards
         return [
             OutboxRow(i, ik, tp, k, pl, ct, {} if h == "{}" else loads(h), sh, at, cr, sq)
-            for i, ik, tp, k, pl, ct, h, sh, at, cr, sq in cur.fetchall()
+            for i, ik, tp, k, pl, ct, h, sh, at, cr, sq in raw
         ]
 
     def lowest_pending_seq(
@@ -893,6 +903,9 @@ class Store:
     def show_row(self, conn: psycopg.Connection[Any], row_id: int) -> dict[str, Any] | None:
         rows = self._dicts(conn, "show_row", {"id": row_id})
         return rows[0] if rows else None
+
+
+_first = operator.itemgetter(0)
 
 
 def _lease_params(epochs: dict[int, int]) -> dict[str, list[int]]:

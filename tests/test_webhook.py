@@ -5,7 +5,6 @@ real HTTP server on loopback (``webhook_receiver``), with real Postgres (and Kaf
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import email.utils
 import json
 import os
@@ -60,7 +59,7 @@ def receiver() -> Iterator[Receiver]:
 def _row(i: int, key: str | None = None, topic: str = "t", payload: bytes = b'{"n": 1}',
          headers: dict[str, str] | None = None) -> OutboxRow:
     return OutboxRow(i, f"ik-{i}", topic, key, payload, "application/json", headers or {}, 0, 0,
-                     dt.datetime.now(dt.UTC))
+                     time.time())
 
 
 def _sink(url: str, secret: str, **kw: Any) -> WebhookSink:

@@ -10,7 +10,6 @@ so it is retried and finally dead-lettered, never dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -151,7 +150,7 @@ class RouterSink:
 def _retarget(row: OutboxRow, route: Route) -> OutboxRow:
     if route.kafka_topic is None or route.kafka_topic == row.topic:
         return row
-    return dataclasses.replace(row, topic=route.kafka_topic)
+    return row._replace(topic=route.kafka_topic)
 
 
 def make_sink(settings: Settings) -> Any:
