@@ -146,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutboxError as exc:
         print(f"outbox-relay: error: {exc}", file=sys.stderr)
         return 2
+    except psycopg.Error as exc:  # a database error no command expected: still one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"outbox-relay: error: database: {first}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

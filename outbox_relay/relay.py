@@ -95,7 +95,7 @@ class Relay:
 
     def run(self) -> int:
         """Run until stopped. Raises :class:`OutboxError` for problems retrying cannot fix."""
-        self.connect()  # the first connection's errors go to the caller: one clear line
+        self._start()
         try:
             while not self.stopping:
                 try:
@@ -115,6 +115,21 @@ class Relay:
         self._release()
         return 0
 
+    def _start(self) -> None:
+        """Connect for the first time. A database that cannot be reached at all is the
+        caller's problem (one clear line, exit 2); a connection lost while the relay sets up
+        (a backend terminated, a restart) is retried like any later loss."""
+        try:
+            self.connect()
+        except DatabaseUnavailable:
+            raise
+        except _CONNECTION_ERRORS as exc:
+            log.warning("database connection lost while starting (%s); reconnecting",
+                        _one_line(exc))
+            metrics.RECONNECTS.inc()
+            self._drop_connections()
+            self._reconnect()
+
     def connect(self) -> None:
         """Open the connections, check the schema and the pooling mode, join the relays."""
         s = self.settings
@@ -132,23 +147,27 @@ class Relay:
             raise DatabaseUnavailable(
                 f"cannot connect to {redact(s.require_database_url())}: {_one_line(exc)}"
             ) from None
-        self.state.database = True
-        meta = self.store.check_schema(self._work)
-        self.state.schema = True
-        self.total_shards = int(meta["shards"])
-        if s.leases:
-            self._refuse_transaction_pooling(self._lease)
-        self.store.harden_lease_session(self._lease)
-        self.store.join_presence(self._lease)
-        if s.wakeup == "notify":
-            self._waiter = Listener(
-                self._conninfo,
-                s.channel,
-                f"outbox-relay listen {s.relay_name}",
-                s.heartbeat_interval,
-            )
-        else:
-            self._waiter = Sleeper()
+        try:
+            self.state.database = True
+            meta = self.store.check_schema(self._work)
+            self.state.schema = True
+            self.total_shards = int(meta["shards"])
+            if s.leases:
+                self._refuse_transaction_pooling(self._lease)
+            self.store.harden_lease_session(self._lease)
+            self.store.join_presence(self._lease)
+            if s.wakeup == "notify":
+                self._waiter = Listener(
+                    self._conninfo,
+                    s.channel,
+                    f"outbox-relay listen {s.relay_name}",
+                    s.heartbeat_interval,
+                )
+            else:
+                self._waiter = Sleeper()
+        except BaseException:
+            self._drop_connections()  # no half-set-up session may keep a lock or a slot
+            raise
         self.state.listener = self._waiter.mode
         self._next_rebalance = 0.0
         log.info(

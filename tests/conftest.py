@@ -264,6 +264,9 @@ def relay_factory(
     yield start
     for relay in started:
         relay.kill()
+        # captured output: pytest shows it only when the test failed
+        tail = relay.output().splitlines()[-80:]
+        print(f"--- last {len(tail)} lines of {relay.log.name} ---", *tail, sep="\n")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> None:

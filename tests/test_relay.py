@@ -320,6 +320,39 @@ def test_listen_connection_terminated_relay_recovers(
     assert {json.loads(m.value)["n"] for m in got} == set(range(20))
 
 
+def test_backends_terminated_while_the_relay_starts(
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    """A connection lost while the relay sets up (after it reached the server) is retried like
+    any later loss, not a crash: kill its backends every few ms from the moment it starts.
+    Only sessions past their startup (``state`` set) are killed: a connection refused outright
+    is the clear exit of ``test_bad_config_is_one_clear_line``."""
+    _enqueue_numbered(engine, topic, 200, keys=5)
+    relay = relay_factory()
+    kills = 0
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline and relay.alive():
+        kills += len(
+            outbox.sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name LIKE 'outbox-relay%%' AND state IS NOT NULL"
+            )
+        )
+        time.sleep(0.01)
+    assert relay.alive(), relay.output()[-2000:]
+    assert kills >= 3, f"only {kills} backends were terminated: the test did not bite"
+    wait_for(lambda: outbox.pending() == 0, 60, "drain after the kills stopped")
+    got = consume(kafka_bootstrap, topic, expected=200, timeout=30)
+    assert {json.loads(m.value)["n"] for m in got} == set(range(200))
+    log_text = relay.output()
+    assert "Traceback" not in log_text
+    assert "lost while starting" in log_text or "connection lost" in log_text
+
+
 def test_all_relay_backends_terminated_relay_recovers(
     outbox: Outbox,
     topic: str,
