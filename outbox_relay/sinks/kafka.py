@@ -49,16 +49,80 @@ def producer_config(settings: Settings) -> dict[str, Any]:
 
 
 def message_headers(row: OutboxRow) -> list[tuple[str, str | bytes | None]]:
-    """The Kafka headers of ``row``'s message: its own, then the relay's."""
-    headers: list[tuple[str, str | bytes | None]] = [
-        (k, v.encode()) for k, v in row.headers.items()
-    ]
-    headers.append((HEADER_IDEMPOTENCY_KEY, row.idempotency_key.encode()))
-    headers.append((HEADER_OUTBOX_ID, str(row.id).encode()))
-    headers.append((HEADER_CONTENT_TYPE, row.content_type.encode()))
+    """The Kafka headers of ``row``'s message: its own, then the relay's (librdkafka encodes
+    ``str`` values as UTF-8 itself, cheaper than ``.encode()`` here)."""
+    headers: list[tuple[str, str | bytes | None]] = list(row.headers.items())
+    headers.append((HEADER_IDEMPOTENCY_KEY, row.idempotency_key))
+    headers.append((HEADER_OUTBOX_ID, str(row.id)))
+    headers.append((HEADER_CONTENT_TYPE, row.content_type))
     if row.seq is not None:
-        headers.append((HEADER_SEQ, str(row.seq).encode()))
+        headers.append((HEADER_SEQ, str(row.seq)))
     return headers
+
+
+_Identity = tuple[str | None, bytes | None, bytes | None]  # a message's topic, key and value
+
+
+class DeliveryReports:
+    """The delivery reports of one batch, through one callback for all its messages.
+
+    A closure per message (to know its row) cost ~1.4 µs of the relay's CPU per message, a
+    fifth of its produce loop. So successes are only counted and a failure keeps what
+    identifies its message -- topic, key and value (a report carries no headers). Each batch
+    has its own instance: a late report of an earlier batch cannot be counted in this one.
+    """
+
+    __slots__ = ("_errors", "delivered", "failures", "fatal")
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.failures: list[tuple[KafkaError, _Identity]] = []
+        self.fatal: KafkaError | None = None
+        self._errors: dict[_Identity, KafkaError] | None = None
+
+    def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.delivered += 1
+        else:
+            self.failures.append((err, (msg.topic(), msg.key(), msg.value())))
+            if err.fatal():
+                self.fatal = err
+
+    @property
+    def received(self) -> int:
+        return self.delivered + len(self.failures)
+
+    def error_for(self, row: OutboxRow, prefix: str) -> KafkaError | None:
+        """The error of a failed report whose message is ``row``'s (topic, key and value), if
+        any. Identical messages of one key share it: when only some of them were refused, all
+        are taken as refused (retried: a duplicate of an identical message, never a loss)."""
+        if not self.failures:
+            return None
+        if self._errors is None:
+            self._errors = {}
+            for err, ident in self.failures:
+                self._errors.setdefault(ident, err)  # the first: a refusal before a purge
+        key = None if row.key is None else row.key.encode()
+        return self._errors.get((prefix + row.topic, key, bytes(row.payload)))
+
+    def outcomes(
+        self, rows: Sequence[OutboxRow], queued: Sequence[int], prefix: str
+    ) -> dict[int, Outcome]:
+        """The outcome of each queued row (indexes ``queued`` of ``rows``) once the reports are
+        in, or as far as they came: a row whose message was refused fails; if reports are
+        missing, no other row can be known delivered and all are retried."""
+        complete = self.received >= len(queued)
+        if not self.failures and complete:
+            return dict.fromkeys(queued, _OK)
+        otherwise = _OK if complete else Outcome.fail("kafka: delivery not confirmed in time")
+        result: dict[int, Outcome] = {}
+        for i in queued:
+            err = self.error_for(rows[i], prefix)
+            result[i] = otherwise if err is None else Outcome.fail(f"kafka: {describe(err)}")
+        return result
+
+
+_OK = Outcome.ok()
 
 
 class KafkaSink:
@@ -89,59 +153,56 @@ class KafkaSink:
     def publish(self, rows: Sequence[OutboxRow], timeout: float) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(rows)
         failed_keys: set[str] = set()
+        reports = DeliveryReports()
+        on_delivery = reports.on_delivery
         produce = self._producer.produce
-        poll = self._producer.poll
-
-        def report(index: int) -> Any:
-            def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-                if err is None:
-                    outcomes[index] = Outcome.ok()
-                else:
-                    outcomes[index] = Outcome.fail(f"kafka: {err.str()} ({err.name()})")
-                    if err.fatal():
-                        self._fatal = err
-
-            return on_delivery
-
+        prefix = self._prefix
+        queued: list[int] = []
         for i, row in enumerate(rows):
-            if row.key is not None and row.key in failed_keys:
+            if failed_keys and row.key is not None and row.key in failed_keys:
                 outcomes[i] = Outcome.skip()
                 continue
-            headers = message_headers(row)
-            while True:
+            topic, headers = prefix + row.topic, message_headers(row)
+            try:
                 try:
-                    produce(
-                        self._prefix + row.topic,
-                        row.payload,
-                        row.key,
-                        headers=headers,
-                        on_delivery=report(i),
-                    )
-                    break
+                    produce(topic, row.payload, row.key, headers=headers, on_delivery=on_delivery)
                 except BufferError:
-                    poll(0.05)
-                except KafkaException as exc:
-                    outcomes[i] = Outcome.fail(f"kafka: {describe(exc)}")
-                    if row.key is not None:
-                        failed_keys.add(row.key)
-                    break
-        self._wait(outcomes, timeout)
+                    self._produce_when_room(topic, row, headers, on_delivery)
+                queued.append(i)
+            except KafkaException as exc:  # refused before it was sent (e.g. too large)
+                outcomes[i] = Outcome.fail(f"kafka: {describe(exc)}")
+                if row.key is not None:
+                    failed_keys.add(row.key)
+        self._wait(reports, len(queued), timeout)
+        if reports.fatal is not None:
+            self._fatal = reports.fatal
         if self._fatal is not None:
             raise FatalSinkError(f"kafka producer fatal error: {self._fatal.str()}")
-        return [
-            o if o is not None else Outcome.fail("kafka: delivery not confirmed in time")
-            for o in outcomes
-        ]
+        for i, outcome in reports.outcomes(rows, queued, prefix).items():
+            outcomes[i] = outcome
+        return [o if o is not None else Outcome.skip() for o in outcomes]
 
-    def _wait(self, outcomes: list[Outcome | None], timeout: float) -> None:
+    def _produce_when_room(
+        self, topic: str, row: OutboxRow, headers: Any, on_delivery: Any
+    ) -> None:
+        """The local queue is full: serve delivery reports until the message fits."""
+        while True:
+            self._producer.poll(0.05)
+            try:
+                self._producer.produce(
+                    topic, row.payload, row.key, headers=headers, on_delivery=on_delivery
+                )
+                return
+            except BufferError:
+                continue
+
+    def _wait(self, reports: DeliveryReports, expected: int, timeout: float) -> None:
         """Until every message of *this* batch has its delivery report (several drain workers
         may publish at once: the producer's queue as a whole need not run empty)."""
         deadline = time.monotonic() + timeout
-        pending = [i for i, o in enumerate(outcomes) if o is None]
-        while pending:
+        while reports.received < expected:
             # flush sends at once (no linger) and serves delivery callbacks
             left = self._producer.flush(min(0.05, max(0.0, deadline - time.monotonic())))
-            pending = [i for i in pending if outcomes[i] is None]
             if left == 0 or time.monotonic() >= deadline or self._fatal is not None:
                 return
 
@@ -158,9 +219,11 @@ def check_reachable(client: Any, servers: str | None, timeout: float) -> None:
         raise SinkUnavailable(f"cannot reach Kafka at {servers}: {describe(exc)}") from None
 
 
-def describe(exc: BaseException) -> str:
-    """One line for a Kafka exception: librdkafka's text and the error's name."""
+def describe(exc: BaseException | KafkaError) -> str:
+    """One line for a Kafka error or exception: librdkafka's text and the error's name."""
+    err = exc
     if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
         err = exc.args[0]
+    if isinstance(err, KafkaError):
         return f"{err.str()} ({err.name()})"
     return str(exc)

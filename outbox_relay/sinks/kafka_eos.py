@@ -47,7 +47,6 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
-    Message,
     Producer,
     TopicPartition,
 )
@@ -64,7 +63,13 @@ from ..errors import ConfigError, FatalSinkError, SinkUnavailable
 from ..settings import Settings
 from ..store import OutboxRow
 from .base import Outcome
-from .kafka import check_reachable, describe, message_headers, producer_config
+from .kafka import (
+    DeliveryReports,
+    check_reachable,
+    describe,
+    message_headers,
+    producer_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +109,8 @@ class _Txn:
     state: _Shard
     token: str
     included: list[int] = field(default_factory=list)  # row indexes produced in it
-    reports: dict[int, KafkaError | None] = field(default_factory=dict)  # -1: progress record
+    reports: DeliveryReports = field(default_factory=DeliveryReports)  # of its rows' messages
+    progress: DeliveryReports = field(default_factory=DeliveryReports)  # of its progress record
     broken: str | None = None  # why it must be aborted before the commit
 
 
@@ -303,13 +309,7 @@ class KafkaExactlyOnceSink:
             self._trouble(txn, exc, "begin_transaction")
             return None
         failed_keys: set[str] = set()
-
-        def report(index: int) -> Any:
-            def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-                txn.reports[index] = err
-
-            return on_delivery
-
+        on_delivery = txn.reports.on_delivery
         for i in indexes:
             row = rows[i]
             if row.key is not None and row.key in failed_keys:
@@ -321,7 +321,7 @@ class KafkaExactlyOnceSink:
                 row.payload,
                 row.key,
                 message_headers(row),
-                report(i),
+                on_delivery,
             )
             if error is None:
                 txn.included.append(i)
@@ -346,7 +346,7 @@ class KafkaExactlyOnceSink:
             json.dumps(progress, separators=(",", ":")).encode(),
             str(shard),
             [],
-            report(-1),
+            txn.progress.on_delivery,
             partition=state.partition,
         )
         if error is not None:
@@ -386,8 +386,11 @@ class KafkaExactlyOnceSink:
     ) -> None:
         """Wait for the transaction's delivery reports, then commit it, or abort it."""
         producer = txn.state.producer
-        expected = len(txn.included) + 1
-        while len(txn.reports) < expected and time.monotonic() < deadline:
+
+        def waiting() -> bool:
+            return txn.reports.received < len(txn.included) or txn.progress.received < 1
+
+        while waiting() and time.monotonic() < deadline:
             try:
                 producer.flush(min(0.1, max(0.0, deadline - time.monotonic())))
             except KafkaException as exc:  # the producer entered a fatal state
@@ -396,16 +399,15 @@ class KafkaExactlyOnceSink:
         if txn.state.unusable:
             self._lose(txn, "its producer was fenced by a newer one, or hit another fatal error")
             return
-        refused = {i: e for i, e in txn.reports.items() if e is not None}
-        if txn.broken is None and len(txn.reports) < expected:
+        refused = [err for err, _ in txn.reports.failures + txn.progress.failures]
+        if txn.broken is None and waiting():
             txn.broken = "delivery not confirmed in time"
         elif txn.broken is None and refused:
-            first = next(iter(refused.values()))
-            txn.broken = f"{len(refused)} message(s) refused, e.g. {first.str()} ({first.name()})"
+            txn.broken = f"{len(refused)} message(s) refused, e.g. {describe(refused[0])}"
         if txn.broken is not None:
             if self._abort(txn, txn.broken):
                 self._aborted(txn, rows, outcomes, txn.broken)
-                if txn.broken.startswith("progress record") or refused.get(-1) is not None:
+                if txn.broken.startswith("progress record") or txn.progress.failures:
                     # the progress topic is gone or changed: a recovery sets it up again
                     self._lose(txn, f"progress record not written ({txn.broken})")
             return
@@ -460,7 +462,7 @@ class KafkaExactlyOnceSink:
         failed_keys: set[str] = set()
         for i in txn.included:
             row = rows[i]
-            err = txn.reports.get(i)
+            err = txn.reports.error_for(row, self._topic_prefix)
             if row.key is not None and row.key in failed_keys:
                 outcomes[i] = Outcome.skip()
             elif err is not None and err.code() not in _PURGED:
