@@ -10,10 +10,12 @@ taken at INSERT, rows appear at COMMIT. If the relay stepped over such a row, a 
 same key could be published first, even for an application that writes each key from one
 transaction at a time. Two rules prevent it:
 
-* Right before each fetch the relay lists the transactions that hold a transaction id
-  (``pg_stat_activity.backend_xid`` and prepared transactions). ``enqueue`` makes a transaction
-  take its id before its first outbox id, so a transaction that may commit an outbox row the
-  fetch cannot see is either on that list or took its transaction id after the list was read.
+* Right before each fetch the relay lists the transactions that may still commit outbox rows:
+  those holding a transaction id (``pg_stat_activity.backend_xid``, prepared transactions) and
+  the statements in flight that have none yet (``backend_xmin``: a statement holds a snapshot
+  while it runs). An INSERT takes its outbox id before its transaction id, but within one
+  statement; so a transaction that may commit an outbox row the fetch cannot see is either on
+  that list or took that row's id after the list was read, however the row was written.
 * A transaction first listed at fetch *n* took its ids after fetch *n-2* saw the table; it is
   remembered with the cursors of that time, and once it is off the list (ended) the next fetch
   reads each shard from no higher than those. A transaction that got its id after the list was
@@ -27,13 +29,13 @@ A transaction that stays open for hours (a report, an idle-in-transaction client
 hold the cursors back while it runs; when it ends, one fetch reads from where it started.
 Rows made pending again by an UPDATE (replay, a re-queued dead letter) carry
 ``next_attempt_at``, so their shard is read from its start (see :mod:`relay`), and a full scan
-every ``OUTBOX_RESCAN_INTERVAL`` is the safety net for anything else (e.g. rows inserted by
-hand-written SQL as the first write of their transaction).
+every ``OUTBOX_RESCAN_INTERVAL`` is the safety net for anything else (e.g. rows written with an
+explicit id below the cursors, or made pending again by a hand-written UPDATE).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 
 class FetchCursors:
@@ -45,20 +47,41 @@ class FetchCursors:
         self._floor: dict[int, int] = {}  # where ended transactions' rows may lie
         #: running transaction -> the cursors its rows lie above
         self._running: dict[int, dict[int, int]] = {}
+        #: pid -> the cursors of its statement without a transaction id, at the last plan
+        self._statements: dict[int, dict[int, int]] = {}
 
     def plan(
-        self, running: Collection[int], shards: Sequence[int], from_start: Iterable[int] = ()
+        self,
+        running: Collection[int] | Mapping[int, int],
+        shards: Sequence[int],
+        from_start: Iterable[int] = (),
     ) -> list[int]:
         """The id to read each of ``shards`` from (exclusive; 0 = its first row), given the
-        transaction ids running just before this fetch."""
+        transactions running just before this fetch: transaction ids, and statements without
+        one yet as negative numbers; as a mapping, with each one's pid."""
         for xid in [x for x in self._running if x not in running]:
             below = self._running.pop(xid)
             for shard in self._cursor:
                 self._floor[shard] = min(
                     self._floor.get(shard, below.get(shard, 0)), below.get(shard, 0)
                 )
+        pids: Mapping[int, int] = running if isinstance(running, Mapping) else {}
         for xid in running:
-            self._running.setdefault(xid, self._previous)
+            if xid in self._running:
+                continue
+            earlier = self._statements.get(pids.get(xid, 0)) if xid > 0 else None
+            if earlier is None:
+                self._running[xid] = self._previous
+            else:
+                # its session ran a statement without a transaction id at the last list: the
+                # same transaction, which may have taken an outbox id then (an INSERT takes
+                # the id first): its rows may lie as low as that statement's
+                self._running[xid] = {
+                    sh: min(v, earlier[sh]) for sh, v in self._previous.items() if sh in earlier
+                }
+        self._statements = {
+            pid: self._running[x] for x, pid in pids.items() if x < 0 and pid
+        }
         skip = set(from_start)
         return [
             0 if sh in skip else min(self._previous.get(sh, 0), self._floor.get(sh, 1 << 62))
@@ -119,6 +142,7 @@ class FetchCursors:
         self._previous = {}
         self._floor.clear()
         self._running.clear()
+        self._statements = {}
 
     @property
     def active(self) -> bool:

@@ -89,8 +89,11 @@ class Store:
         q("meta", "SELECT name, value FROM {meta}")
         q(
             "running_xids",
-            "SELECT backend_xid::text::bigint FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
-            " UNION ALL SELECT transaction::text::bigint FROM pg_prepared_xacts",
+            "SELECT CASE WHEN backend_xid IS NOT NULL THEN backend_xid::text::bigint"
+            "  ELSE -(pid::bigint * 4294967296 + backend_xmin::text::bigint) END, pid"
+            " FROM pg_stat_activity WHERE (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)"
+            " AND pid <> pg_backend_pid() AND datname = current_database()"
+            " UNION ALL SELECT transaction::text::bigint, 0 FROM pg_prepared_xacts",
         )
         # Rows in retry state (a failed or deferred attempt, a re-queued dead letter, or in
         # strict mode a dead letter) of the owned shards: their shards are read from the start
@@ -546,11 +549,14 @@ class Store:
         conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     # -- drain
-    def running_xids(self, conn: psycopg.Connection[Any]) -> set[int]:
-        """Transaction ids in use right now: sessions' (``backend_xid``, shown to every role)
-        and prepared transactions'."""
+    def running_xids(self, conn: psycopg.Connection[Any]) -> dict[int, int]:
+        """Transactions that may still commit outbox rows: sessions holding a transaction id
+        (``backend_xid``), sessions running a statement without one yet (``backend_xmin``: a
+        statement holds a snapshot, and an INSERT takes its outbox id before its transaction
+        id; named by pid and xmin, as negative numbers), and prepared transactions (pid 0).
+        Both columns are shown to every role, unlike ``state``. Returns each one's pid."""
         rows = self._run(conn, "running_xids", {}).fetchall()
-        return {int(r[0]) for r in rows}
+        return {int(r[0]): int(r[1]) for r in rows}
 
     def held(
         self,
@@ -559,11 +565,11 @@ class Store:
         strict: bool,
         *,
         list_running: bool,
-    ) -> tuple[set[int], list[str], set[int]]:
+    ) -> tuple[set[int], list[str], dict[int, int]]:
         """Shards with rows in retry state (to be read from their start), the keys that must
         wait (backoff not over, or dead under strict order), and, with ``list_running`` (fetch
-        cursors on), the transaction ids running, listed first in the same round trip
-        (:meth:`running_xids`)."""
+        cursors on), the transactions running and their pids, listed first in the same round
+        trip (:meth:`running_xids`)."""
         params = {"shards": list(shards), "strict": strict}
         if not list_running:
             rows = self._run(conn, "held", params).fetchall()
@@ -577,7 +583,7 @@ class Store:
         return (
             {int(r[0]) for r in rows},
             sorted({str(r[1]) for r in rows if r[2] and r[1]}),
-            {int(r[0]) for r in running_rows},
+            {int(r[0]): int(r[1]) for r in running_rows},
         )
 
     def fetch(

@@ -79,3 +79,32 @@ def test_held_back_rows_reset_and_from_start() -> None:
     c.clear()
     assert not c.active
     assert c.plan(set(), SHARDS) == [0, 0]
+
+
+def test_a_statement_that_takes_a_transaction_id_keeps_where_it_began() -> None:
+    """An INSERT takes its outbox id before its transaction id: listed first as a statement
+    without one (negative, with its pid), then by its transaction id. When it ends, the read
+    starts from where the statement was first seen, not where the transaction id was."""
+    c = FetchCursors()
+    fetch(c, set(), {0: 100, 1: 100})
+    fetch(c, set(), {0: 200, 1: 200})
+    after = c.plan({-7: 42}, SHARDS)  # pid 42, in its INSERT: its id may be anything > 100
+    c.advance(SHARDS, {0: 300, 1: 300}, {})
+    assert after == [100, 100]
+    for top in (400, 500):
+        c.plan({9: 42}, SHARDS)  # the same session now holds transaction id 9
+        c.advance(SHARDS, {0: top, 1: top}, {})
+    assert c.plan({}, SHARDS) == [100, 100]  # 9 committed: read from where its INSERT began
+
+
+def test_a_transaction_id_of_another_session_starts_fresh() -> None:
+    c = FetchCursors()
+    fetch(c, set(), {0: 100, 1: 100})
+    fetch(c, set(), {0: 200, 1: 200})
+    c.plan({-7: 42}, SHARDS)
+    c.advance(SHARDS, {0: 300, 1: 300}, {})
+    c.plan({9: 43}, SHARDS)  # pid 43: not the statement of pid 42
+    c.advance(SHARDS, {0: 400, 1: 400}, {})
+    c.plan({9: 43}, SHARDS)
+    c.advance(SHARDS, {0: 500, 1: 500}, {})
+    assert c.plan({}, SHARDS) == [200, 200]  # where 9 was first seen
