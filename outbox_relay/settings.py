@@ -64,9 +64,9 @@ class Settings(BaseSettings):
     #: keep delivered rows (``sent_at`` set) for ``retention`` so they can be replayed; false
     #: (the default) deletes each row in the statement that records its delivery
     keep_sent: bool = False
-    #: 0 (default): every fetch reads each shard from its first pending row. > 0 (opt-in, e.g.
-    #: 5): fetch cursors, with a full scan every this many seconds (cursors.py; see README)
-    rescan_interval: float = Field(default=0.0, ge=0, le=3600)
+    #: > 0 (default 30): fetch cursors, with a full scan every this many seconds as a safety
+    #: net (cursors.py; see README). 0: every fetch reads each shard from its first pending row
+    rescan_interval: float = Field(default=30.0, ge=0, le=3600)
     shutdown_timeout: float = Field(default=30.0, gt=0)
     http_port: int = Field(default=8080, ge=0, le=65535)
     http_host: str = "0.0.0.0"

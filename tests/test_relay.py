@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -10,7 +11,7 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -556,6 +557,28 @@ def _sent_counters(outbox: Outbox) -> int:
     return int(outbox.sql(f"SELECT coalesce(sum(sent), 0) FROM {stats}")[0][0])
 
 
+@contextlib.contextmanager
+def _streaming(engine: Engine, topic: str, per_transaction: int, pause: float) -> Iterator[None]:
+    """Numbered rows over 5 keys from a writer thread, a transaction every ``pause`` s, for as
+    long as the block runs."""
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            _enqueue_numbered(engine, topic, per_transaction, keys=5, start=i)
+            i += per_transaction
+            time.sleep(pause)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @pytest.mark.parametrize("keep", [False, True], ids=["delete", "keep"])
 def test_delivered_rows_are_deleted_or_kept_and_always_counted(
     outbox: Outbox,
@@ -587,38 +610,26 @@ def test_a_late_commit_below_the_cursor_is_found_while_the_stream_goes_on(
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
     """A row whose transaction commits after rows with higher ids were published sits below
-    the shard cursors; the periodic full scan finds it although the cursors never run dry."""
-    relay = relay_factory(OUTBOX_RESCAN_INTERVAL="0.5")
+    the shard cursors; the relay remembered the transaction as running and reads from below
+    its rows when it ends, although the cursors never run dry and no full scan is due."""
+    relay = relay_factory(OUTBOX_RESCAN_INTERVAL="3600")
     late = Session(engine)
     late.begin()
     enqueue(late, topic, {"n": -1}, key="late", idempotency_key="late")
     late.flush()
-    stop = threading.Event()
-
-    def writer() -> None:
-        i = 0
-        while not stop.is_set():
-            _enqueue_numbered(engine, topic, 20, keys=5, start=i)
-            i += 20
-            time.sleep(0.01)
-
-    t = threading.Thread(target=writer)
-    t.start()
     try:
-        wait_for(lambda: _sent_counters(outbox) >= 200, 30, "the stream to flow past the late id")
-        late.commit()
-        committed_at = _sent_counters(outbox)
-        wait_for(
-            lambda: outbox.sql("SELECT count(*) FROM {t} WHERE idempotency_key = 'late'")[0][0]
-            == 0,
-            10,
-            "the late row delivered",
-        )
-        # the stream was still flowing after it (the cursors never ran dry)
-        wait_for(lambda: _sent_counters(outbox) > committed_at + 100, 10, "more of the stream")
+        with _streaming(engine, topic, per_transaction=20, pause=0.01):
+            wait_for(lambda: _sent_counters(outbox) >= 200, 30, "the stream to flow past the id")
+            late.commit()
+            committed_at = _sent_counters(outbox)
+            wait_for(
+                lambda: not outbox.sql("SELECT 1 FROM {t} WHERE idempotency_key = 'late'"),
+                10,
+                "the late row delivered",
+            )
+            # the stream was still flowing after it (the cursors never ran dry)
+            wait_for(lambda: _sent_counters(outbox) > committed_at + 100, 10, "more of the stream")
     finally:
-        stop.set()
-        t.join()
         late.close()
     wait_for(lambda: outbox.pending() == 0, 20, "everything delivered")
     total = _sent_counters(outbox)
@@ -653,15 +664,6 @@ def test_hand_written_insert_as_first_write_is_not_stepped_over(
         f' EXECUTE FUNCTION "{outbox.schema}".hold_slow()'
     )
     relay_factory(OUTBOX_RESCAN_INTERVAL="3600")
-    stop = threading.Event()
-
-    def stream() -> None:
-        i = 0
-        while not stop.is_set():
-            _enqueue_numbered(engine, topic, 10, keys=5, start=i)
-            i += 10
-            time.sleep(0.02)
-
     written: list[int] = []
 
     def hand_written() -> None:
@@ -674,9 +676,7 @@ def test_hand_written_insert_as_first_write_is_not_stepped_over(
             assert row is not None
             written.append(row[0])
 
-    streamer = threading.Thread(target=stream)
-    streamer.start()
-    try:
+    with _streaming(engine, topic, per_transaction=10, pause=0.02):
         wait_for(lambda: _sent_counters(outbox) >= 50, 30, "the stream to flow")
         writer = threading.Thread(target=hand_written)
         before = _sent_counters(outbox)
@@ -690,6 +690,3 @@ def test_hand_written_insert_as_first_write_is_not_stepped_over(
             10,
             "the hand-written row delivered (the cursor stepped over it?)",
         )
-    finally:
-        stop.set()
-        streamer.join()
