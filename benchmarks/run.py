@@ -126,8 +126,9 @@ class Recorder:
 # --------------------------------------------------------------------------- phases
 def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: Path,
                      profile: bool) -> None:
-    from .drain import fill, relay_drain
+    from .drain import fill, relay_drain, topic_messages
     from .kafka_bench import raw_throughput
+    from .scale import drain_with
 
     n = cfg["drain_rows"]
     parts = cfg["topic_partitions"]
@@ -158,6 +159,16 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                 log(f"rep {rep + 1}: relay drain {d['msgs_per_s']:,.0f} msg/s "
                     f"(steady {'n/a' if steady is None else f'{steady:,.0f}'}), ratio "
                     f"{d['msgs_per_s'] / raw['msgs_per_s']:.3f}")
+                # the Helm chart's default: two replicas split the shards
+                topic = new_topic("drain2")
+                fill(box, topic, n, pool)
+                two = drain_with(box, 2, n, logdir, f"drain2-{rep}")
+                if topic_messages(svc, topic, parts) < n:
+                    raise BenchError(f"fewer than {n} messages reached {topic}")
+                rec.add("two_relays_drain_msgs_per_s", two)
+                rec.add("two_relays_drain_ratio", two / raw["msgs_per_s"])
+                log(f"rep {rep + 1}: two relays drain {two:,.0f} msg/s, ratio "
+                    f"{two / raw['msgs_per_s']:.3f}")
                 topic = new_topic("draineos")
                 fill(box, topic, n, pool)
                 e = relay_drain(box, topic, parts, n, logdir,
@@ -454,6 +465,8 @@ ORDER = [
     ("relay_drain_msgs_per_s", "msg/s", "relay draining the backlog (incl. start-up)"),
     ("drain_ratio", "", "relay drain / raw produce"),
     ("relay_drain_steady_msgs_per_s", "msg/s", "same, first to last row marked sent"),
+    ("two_relays_drain_msgs_per_s", "msg/s", "two relays (Helm default) on the same backlog"),
+    ("two_relays_drain_ratio", "", "two relays' drain / raw produce"),
     ("relay_drain_xmin_held_msgs_per_s", "msg/s", "same, a long transaction open meanwhile"),
     ("eos_drain_msgs_per_s", "msg/s", "same, exactly-once (a Kafka transaction per shard)"),
     ("eos_drain_ratio", "", "exactly-once drain / at-least-once drain"),
