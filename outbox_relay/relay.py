@@ -101,12 +101,7 @@ class Relay:
                 try:
                     self._loop()
                 except _CONNECTION_ERRORS as exc:
-                    log.warning("database connection lost (%s); reconnecting", _one_line(exc))
-                    metrics.RECONNECTS.inc()
-                    if isinstance(self._waiter, Listener):
-                        metrics.LISTENER_RECONNECTS.inc()
-                    self._drop_connections()
-                    self._reconnect()
+                    self._reconnect_after(exc, "")
         except FatalSinkError as exc:
             self.state.fatal = str(exc)
             log.error("%s; stopping with rows left pending", exc)
@@ -124,11 +119,15 @@ class Relay:
         except DatabaseUnavailable:
             raise
         except _CONNECTION_ERRORS as exc:
-            log.warning("database connection lost while starting (%s); reconnecting",
-                        _one_line(exc))
-            metrics.RECONNECTS.inc()
-            self._drop_connections()
-            self._reconnect()
+            self._reconnect_after(exc, " while starting")
+
+    def _reconnect_after(self, exc: BaseException, when: str) -> None:
+        log.warning("database connection lost%s (%s); reconnecting", when, _one_line(exc))
+        metrics.RECONNECTS.inc()
+        if isinstance(self._waiter, Listener):
+            metrics.LISTENER_RECONNECTS.inc()
+        self._drop_connections()
+        self._reconnect()
 
     def connect(self) -> None:
         """Open the connections, check the schema and the pooling mode, join the relays."""

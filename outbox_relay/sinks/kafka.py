@@ -125,6 +125,25 @@ class DeliveryReports:
 _OK = Outcome.ok()
 
 
+def produce_when_room(
+    producer: Producer,
+    topic: str,
+    value: bytes,
+    key: str | None,
+    headers: list[tuple[str, str | bytes | None]],
+    on_delivery: Any,
+    **extra: Any,
+) -> None:
+    """Produce one message, serving delivery reports while the local queue is full. Raises
+    :class:`KafkaException` if librdkafka refuses it at once (e.g. too large)."""
+    while True:
+        try:
+            producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery, **extra)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 class KafkaSink:
     name = "kafka"
 
@@ -167,7 +186,8 @@ class KafkaSink:
                 try:
                     produce(topic, row.payload, row.key, headers=headers, on_delivery=on_delivery)
                 except BufferError:
-                    self._produce_when_room(topic, row, headers, on_delivery)
+                    produce_when_room(self._producer, topic, row.payload, row.key, headers,
+                                      on_delivery)
                 queued.append(i)
             except KafkaException as exc:  # refused before it was sent (e.g. too large)
                 outcomes[i] = Outcome.fail(f"kafka: {describe(exc)}")
@@ -181,20 +201,6 @@ class KafkaSink:
         for i, outcome in reports.outcomes(rows, queued, prefix).items():
             outcomes[i] = outcome
         return [o if o is not None else Outcome.skip() for o in outcomes]
-
-    def _produce_when_room(
-        self, topic: str, row: OutboxRow, headers: Any, on_delivery: Any
-    ) -> None:
-        """The local queue is full: serve delivery reports until the message fits."""
-        while True:
-            self._producer.poll(0.05)
-            try:
-                self._producer.produce(
-                    topic, row.payload, row.key, headers=headers, on_delivery=on_delivery
-                )
-                return
-            except BufferError:
-                continue
 
     def _wait(self, reports: DeliveryReports, expected: int, timeout: float) -> None:
         """Until every message of *this* batch has its delivery report (several drain workers

@@ -68,6 +68,7 @@ from .kafka import (
     check_reachable,
     describe,
     message_headers,
+    produce_when_room,
     producer_config,
 )
 
@@ -366,16 +367,11 @@ class KafkaExactlyOnceSink:
         """Produce one message (waiting while the local queue is full); the error text if it
         was refused at once."""
         extra: dict[str, Any] = {} if partition is None else {"partition": partition}
-        while True:
-            try:
-                producer.produce(
-                    topic, value, key, headers=headers, on_delivery=on_delivery, **extra
-                )
-                return None
-            except BufferError:
-                producer.poll(0.05)
-            except KafkaException as exc:
-                return describe(exc)
+        try:
+            produce_when_room(producer, topic, value, key, headers, on_delivery, **extra)
+            return None
+        except KafkaException as exc:
+            return describe(exc)
 
     def _settle(
         self,
