@@ -11,14 +11,9 @@ Write the outbox row in the same transaction as your business rows::
 and run ``outbox-relay run`` to publish committed rows to Kafka.
 """
 
-from .enqueue import (
-    Enqueued,
-    Message,
-    enqueue,
-    enqueue_async,
-    enqueue_many,
-    enqueue_many_async,
-)
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ConfigError,
     DatabaseUnavailable,
@@ -28,9 +23,50 @@ from .errors import (
     PayloadTooLarge,
     WrongSessionType,
 )
-from .inbox import InboxMessage, SequenceGap, process_once, process_once_async
-from .schema import build_tables
-from .settings import Settings
+
+if TYPE_CHECKING:
+    from .enqueue import (
+        Enqueued,
+        Message,
+        enqueue,
+        enqueue_async,
+        enqueue_many,
+        enqueue_many_async,
+    )
+    from .inbox import InboxMessage, SequenceGap, process_once, process_once_async
+    from .schema import build_tables
+    from .settings import Settings
+
+#: Imported on first use: the relay process never loads SQLAlchemy's ORM and asyncio layers
+#: (half a second of its start-up) through ``import outbox_relay``.
+_LAZY = {
+    "Enqueued": "enqueue",
+    "Message": "enqueue",
+    "enqueue": "enqueue",
+    "enqueue_async": "enqueue",
+    "enqueue_many": "enqueue",
+    "enqueue_many_async": "enqueue",
+    "InboxMessage": "inbox",
+    "SequenceGap": "inbox",
+    "process_once": "inbox",
+    "process_once_async": "inbox",
+    "build_tables": "schema",
+    "Settings": "settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    loaded = import_module(f".{module}", __name__)
+    # bind every name of that module at once: importing the submodule ``enqueue`` set the
+    # package's attribute ``enqueue`` to the module; the function must win
+    for each, where in _LAZY.items():
+        if where == module:
+            globals()[each] = getattr(loaded, each)
+    return globals()[name]
+
 
 __version__ = "0.1.0"
 
@@ -64,6 +100,7 @@ def include_outbox_objects(name: str | None, type_: str, parent_names: object) -
     """
     if type_ != "table" or name is None:
         return True
+    from .schema import build_tables
     from .settings import producer_settings
 
     s = producer_settings()

@@ -325,7 +325,7 @@ def _store(settings: Settings) -> Any:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     from .guard import guard_problems, schema_problems
     from .migrations import HEAD
-    from .schema import SCHEMA_REVISION
+    from .schema_version import SCHEMA_REVISION
 
     store = _store(settings)
     with _connect(settings) as conn:

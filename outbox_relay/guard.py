@@ -20,6 +20,7 @@ read: they may hold secrets or payloads.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from . import metrics
 from .errors import OutboxTableMissing
 from .health import RelayState
 from .retention import SLICE_SECONDS, Retention, RetentionRun
-from .schema import SCHEMA_REVISION, build_tables
+from .schema_version import SCHEMA_REVISION
 from .settings import Settings
 from .store import Store
 
@@ -68,6 +69,8 @@ def expected_objects(schema: str, table: str) -> Expected:
     """What ``schema.py`` defines at the package's revision: tables, outbox columns, outbox
     indexes (with the primary key and the unique idempotency-key constraint, as Postgres names
     them) and outbox triggers."""
+    from .schema import build_tables  # SQLAlchemy: loaded on the first drift check only
+
     tables = build_tables(schema, table)
     outbox = tables.outbox
     indexes = {str(ix.name) for ix in outbox.indexes}
@@ -84,11 +87,22 @@ def expected_objects(schema: str, table: str) -> Expected:
     )
 
 
-def schema_problems(store: Store, conn: psycopg.Connection[Any]) -> tuple[str | None, list[str]]:
+def schema_problems(
+    store: Store, conn: psycopg.Connection[Any], expected: Expected | None = None
+) -> tuple[str | None, list[str]]:
     """The database's revision and what is wrong with the schema (empty list: all as expected).
 
     Drift is only looked for at the expected revision: a schema behind is one problem.
+    ``expected``: the objects to look for (default: :func:`expected_objects`).
     """
+    revision, problems = revision_problems(store, conn)
+    if problems:
+        return revision, problems
+    return revision, _drift(store, conn, expected or expected_objects(store.schema, store.table))
+
+
+def revision_problems(store: Store, conn: psycopg.Connection[Any]) -> tuple[str | None, list[str]]:
+    """The database's revision, and the problem if it is not the package's."""
     try:
         meta = store.read_meta(conn)
     except OutboxTableMissing as exc:
@@ -99,7 +113,11 @@ def schema_problems(store: Store, conn: psycopg.Connection[Any]) -> tuple[str | 
             f"the outbox is at revision {revision!r}, this package expects {SCHEMA_REVISION!r}"
             " (run `outbox-relay migrate`)"
         ]
-    expected = expected_objects(store.schema, store.table)
+    return revision, []
+
+
+def _drift(store: Store, conn: psycopg.Connection[Any], expected: Expected) -> list[str]:
+    """Objects of ``expected`` missing from the database, or there but invalid or disabled."""
     found: dict[str, dict[str, bool]] = {}
     for kind, name, ok in store.schema_objects(conn, sorted(expected.tables)):
         found.setdefault(kind, {})[name] = ok
@@ -118,7 +136,7 @@ def schema_problems(store: Store, conn: psycopg.Connection[Any]) -> tuple[str | 
         if broken:
             what = "invalid" if kind == "index" else "disabled"
             problems.append(f"{what} {kind}{'s' if len(broken) > 1 else ''} {', '.join(broken)}")
-    return revision, problems
+    return problems
 
 
 # ---------------------------------------------------------------------- health guard
@@ -235,6 +253,14 @@ class Maintenance:
         self._labels: dict[str, set[str]] = {"pending": set(), "dead": set()}
         self._warned: dict[str, float] = {}
         self._error_logged = 0.0
+        # The drift check's definitions come from SQLAlchemy (a quarter of a second to load):
+        # loaded beside the relay's start-up and first rounds, not in front of them. Until
+        # then the schema check is the revision alone (as at connect).
+        self._expected: Expected | None = None
+        threading.Thread(target=self._load_expected, name="outbox-schema", daemon=True).start()
+
+    def _load_expected(self) -> None:
+        self._expected = expected_objects(self.store.schema, self.store.table)
 
     def tick(self, conn: psycopg.Connection[Any], shards: Sequence[int]) -> None:
         if id(conn) != self._conn_id:  # a new connection: the retention lock went with the old
@@ -289,7 +315,11 @@ class Maintenance:
 
     # -- schema drift
     def _schema(self, conn: psycopg.Connection[Any]) -> None:
-        _revision, problems = schema_problems(self.store, conn)
+        if self._expected is None:
+            _revision, problems = revision_problems(self.store, conn)
+            self._next_guard = min(self._next_guard, time.monotonic() + 1.0)  # drift soon
+        else:
+            _revision, problems = schema_problems(self.store, conn, self._expected)
         ok = not problems
         detail = "; ".join(problems) or None
         if ok and not self.state.schema:

@@ -38,14 +38,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.schema import CreateIndex, CreateTable, DDLElement
 
-#: Revision identifier the migrations write into ``<table>_meta`` at head.
-SCHEMA_REVISION = "0003"
-#: Schema versions: 1 = the outbox and its companions; 2 = per-key sequences in commit order
-#: (``seq`` column, ``<table>_keyseq`` counters, deferred sequencing trigger); 3 = delivery
-#: counters (``<table>_sent_stats``), so rows can be deleted when sent and still be counted.
-LATEST = 3
-#: Width of one ``<table>_sent_stats`` bucket, in seconds.
-SENT_STATS_BUCKET = 10
+from .schema_version import LATEST, SCHEMA_REVISION, SENT_STATS_BUCKET  # noqa: F401  (re-exported)
 
 #: Storage parameters of the outbox: room for in-page updates when rows are marked sent, and
 #: autovacuum tuned for a table whose rows are all short-lived.

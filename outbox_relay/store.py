@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from .errors import OutboxTableMissing, SchemaMismatch
-from .schema import SCHEMA_REVISION, SENT_STATS_BUCKET
+from .schema_version import SCHEMA_REVISION, SENT_STATS_BUCKET
 
 #: Second advisory-lock key of the shared "relay present" lock every relay holds.
 PRESENCE_KEY = 1_000_000

@@ -655,3 +655,28 @@ def test_outbox_schema_missing(
             enqueue(session, "t", "x")
     finally:
         producer_settings.cache_clear()
+
+
+def test_package_names_resolve_on_first_use_and_the_relay_never_loads_the_orm() -> None:
+    """``outbox_relay`` imports its producer helpers on first use: a relay process starts
+    without SQLAlchemy (half a second of its start-up), and ``enqueue`` is the function even
+    when another name of its module was imported first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, outbox_relay.cli, outbox_relay.relay, outbox_relay.sinks.router,"
+        " outbox_relay.sinks.kafka;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sqlalchemy')[:3]);"
+        "from outbox_relay import Message;"
+        "from outbox_relay import enqueue;"
+        "print(callable(enqueue) and enqueue.__module__ == 'outbox_relay.enqueue')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[:2] == ["[]", "True"]
+    import outbox_relay
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        outbox_relay.nope  # noqa: B018
