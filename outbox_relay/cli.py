@@ -282,13 +282,41 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    sink.check()
-    state.sink = True
+    # the sink's reachability check (a Kafka metadata round, ~0.1 s) runs while the relay
+    # connects to Postgres; the relay publishes nothing before it has passed
+    sink_checked = _in_background(sink.check)
+
+    def checked() -> None:
+        sink_checked()
+        state.sink = True
+
     try:
-        return relay.run()
+        return relay.run(before_drain=checked)
     finally:
         if server is not None:
             server.shutdown()
+
+
+def _in_background(fn: Any) -> Any:
+    """Start ``fn()`` on a daemon thread; the returned callable waits for it to finish and
+    raises what it raised (a daemon: an exit on another error never waits for it)."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="outbox-check", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return wait
 
 
 def _forced_exit(settings: Settings) -> None:

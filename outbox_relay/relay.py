@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -93,9 +93,16 @@ class Relay:
     def request_stop(self) -> None:
         self.stopping = True
 
-    def run(self) -> int:
-        """Run until stopped. Raises :class:`OutboxError` for problems retrying cannot fix."""
+    def run(self, before_drain: Callable[[], None] | None = None) -> int:
+        """Run until stopped. Raises :class:`OutboxError` for problems retrying cannot fix.
+        ``before_drain`` runs once connected, before the first round (its error ends the run)."""
         self._start()
+        if before_drain is not None:
+            try:
+                before_drain()
+            except BaseException:
+                self._release()
+                raise
         try:
             while not self.stopping:
                 try:
