@@ -95,8 +95,14 @@ class Relay:
 
     def run(self, before_drain: Callable[[], None] | None = None) -> int:
         """Run until stopped. Raises :class:`OutboxError` for problems retrying cannot fix.
-        ``before_drain`` runs once connected, before the first round (its error ends the run)."""
-        self._start()
+        ``before_drain`` runs once connected, before the first round (its error ends the run,
+        and is the one reported if connecting failed too)."""
+        try:
+            self._start()
+        except BaseException:
+            if before_drain is not None:
+                before_drain()
+            raise
         if before_drain is not None:
             try:
                 before_drain()

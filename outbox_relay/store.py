@@ -31,8 +31,9 @@ DISCARD_HEADER = "outbox-discarded"
 
 
 class OutboxRow(NamedTuple):
-    """A pending row as the relay reads it (a named tuple: built ~5x faster than a frozen
-    dataclass, which counts at tens of thousands of rows a second)."""
+    """A pending row as the relay reads it: a named tuple, made by psycopg straight from the
+    result row (no Python code per row; a frozen dataclass was ~5x slower to build, and that
+    counts at tens of thousands of rows a second)."""
 
     id: int
     idempotency_key: str
@@ -40,13 +41,19 @@ class OutboxRow(NamedTuple):
     key: str | None
     payload: bytes
     content_type: str
-    headers: dict[str, str]
+    #: the row's own headers as JSON text, None when it has none (most rows): see ``headers``
+    headers_json: str | None
     shard: int
     attempts: int
     #: when the row was written, Unix seconds (a float decodes ~15x faster than a datetime)
     created_at: float
     #: per-key sequence in commit order (topics in OUTBOX_SEQUENCE_TOPICS), else None
     seq: int | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The row's own headers (parsed on each access: the sinks read them once)."""
+        return {} if self.headers_json is None else dict(json.loads(self.headers_json))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +90,9 @@ class Store:
 
         # headers as text: most rows have none ('{}'), and parsing is skipped for those
         cols = (
-            "o.id, o.idempotency_key, o.topic, o.key, o.payload, o.content_type, o.headers::text, "
-            "o.shard, o.attempts, extract(epoch FROM o.created_at)::float8, o.seq"
+            "o.id, o.idempotency_key, o.topic, o.key, o.payload, o.content_type,"
+            " NULLIF(o.headers, '{{}}'::jsonb)::text, o.shard, o.attempts,"
+            " date_part('epoch', o.created_at), o.seq"
         )
         q("meta", "SELECT name, value FROM {meta}")
         q(
@@ -596,7 +604,8 @@ class Store:
     ) -> list[OutboxRow]:
         """Up to ``limit`` pending rows per shard in id order, each shard past ``after``."""
         # binary: payloads arrive as raw bytes instead of hex text (half the bytes, no decoding)
-        cur = conn.execute(
+        cur = conn.cursor(binary=True, row_factory=_outbox_rows)
+        cur.execute(
             self._q["fetch"],
             {
                 "shards": list(shards),
@@ -605,15 +614,10 @@ class Store:
                 "limit": limit,
             },
             prepare=True,
-            binary=True,
         )
-        loads = json.loads
-        raw = cur.fetchall()
-        raw.sort(key=_first)  # id order across the shards
-        return [
-            OutboxRow(i, ik, tp, k, pl, ct, {} if h == "{}" else loads(h), sh, at, cr, sq)
-            for i, ik, tp, k, pl, ct, h, sh, at, cr, sq in raw
-        ]
+        rows = cur.fetchall()
+        rows.sort(key=_first)  # id order across the shards
+        return rows
 
     def lowest_pending_seq(
         self, conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str]]
@@ -635,7 +639,7 @@ class Store:
         if not ids:
             return 0
         name = "mark_sent" if keep else "delete_sent"
-        row = self._run(conn, name, {"ids": list(ids), **_lease_params(epochs)}).fetchone()
+        row = self._run(conn, name, {"ids": id_array(ids), **_lease_params(epochs)}).fetchone()
         return int(row[0]) if row else 0
 
     def mark_failed(
@@ -912,6 +916,17 @@ class Store:
 
 
 _first = operator.itemgetter(0)
+
+
+def _outbox_rows(_cursor: Any) -> Any:
+    """psycopg row factory: each result row of ``fetch`` as an :class:`OutboxRow`."""
+    return OutboxRow._make
+
+
+def id_array(ids: Sequence[int]) -> str:
+    """``ids`` as one Postgres array literal, for a ``%s::bigint[]`` parameter: psycopg adapts
+    a list element by element in Python (~1 µs each, per marked row), a join is ~10x cheaper."""
+    return "{" + ",".join(map(str, ids)) + "}"
 
 
 def _lease_params(epochs: dict[int, int]) -> dict[str, list[int]]:

@@ -200,7 +200,7 @@ def _row(i: int, shard: int, topic: str, key: str) -> OutboxRow:
         key=key,
         payload=json.dumps({"n": i}).encode(),
         content_type="application/json",
-        headers={},
+        headers_json=None,
         shard=shard,
         attempts=0,
         created_at=time.time(),

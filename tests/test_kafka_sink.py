@@ -36,7 +36,7 @@ def small_topic(kafka_bootstrap: str) -> Iterator[str]:
 
 
 def _row(n: int, topic: str, key: str | None, payload: bytes) -> OutboxRow:
-    return OutboxRow(n, f"ik-{n}", topic, key, payload, "text/plain", {"h": "v"}, 0, 0, 0.0)
+    return OutboxRow(n, f"ik-{n}", topic, key, payload, "text/plain", '{"h": "v"}', 0, 0, 0.0)
 
 
 def _sink(kafka_bootstrap: str) -> KafkaSink:

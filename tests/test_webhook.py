@@ -58,8 +58,8 @@ def receiver() -> Iterator[Receiver]:
 
 def _row(i: int, key: str | None = None, topic: str = "t", payload: bytes = b'{"n": 1}',
          headers: dict[str, str] | None = None) -> OutboxRow:
-    return OutboxRow(i, f"ik-{i}", topic, key, payload, "application/json", headers or {}, 0, 0,
-                     time.time())
+    return OutboxRow(i, f"ik-{i}", topic, key, payload, "application/json",
+                     json.dumps(headers) if headers else None, 0, 0, time.time())
 
 
 def _sink(url: str, secret: str, **kw: Any) -> WebhookSink:

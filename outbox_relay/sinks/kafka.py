@@ -51,7 +51,9 @@ def producer_config(settings: Settings) -> dict[str, Any]:
 def message_headers(row: OutboxRow) -> list[tuple[str, str | bytes | None]]:
     """The Kafka headers of ``row``'s message: its own, then the relay's (librdkafka encodes
     ``str`` values as UTF-8 itself, cheaper than ``.encode()`` here)."""
-    headers: list[tuple[str, str | bytes | None]] = list(row.headers.items())
+    headers: list[tuple[str, str | bytes | None]] = (
+        [] if row.headers_json is None else list(row.headers.items())
+    )
     headers.append((HEADER_IDEMPOTENCY_KEY, row.idempotency_key))
     headers.append((HEADER_OUTBOX_ID, str(row.id)))
     headers.append((HEADER_CONTENT_TYPE, row.content_type))
