@@ -254,10 +254,11 @@ class Maintenance:
         self._warned: dict[str, float] = {}
         self._error_logged = 0.0
         # The drift check's definitions come from SQLAlchemy (a quarter of a second to load):
-        # loaded beside the relay's start-up and first rounds, not in front of them. Until
-        # then the schema check is the revision alone (as at connect).
+        # loaded on a thread from the first check on, beside the first rounds rather than in
+        # front of them (or of the start-up). Until then the schema check is the revision
+        # alone (as at connect).
         self._expected: Expected | None = None
-        threading.Thread(target=self._load_expected, name="outbox-schema", daemon=True).start()
+        self._loading: threading.Thread | None = None
 
     def _load_expected(self) -> None:
         self._expected = expected_objects(self.store.schema, self.store.table)
@@ -316,6 +317,11 @@ class Maintenance:
     # -- schema drift
     def _schema(self, conn: psycopg.Connection[Any]) -> None:
         if self._expected is None:
+            if self._loading is None:
+                self._loading = threading.Thread(
+                    target=self._load_expected, name="outbox-schema", daemon=True
+                )
+                self._loading.start()
             _revision, problems = revision_problems(self.store, conn)
             self._next_guard = min(self._next_guard, time.monotonic() + 1.0)  # drift soon
         else:
