@@ -138,17 +138,26 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
     try:
         with topics(svc, parts) as new_topic:
             for rep in range(cfg["reps"]):
-                raw = raw_throughput(svc, new_topic("raw"), n, pool)
-                log(f"rep {rep + 1}: raw producer {raw['msgs_per_s']:,.0f} msg/s "
-                    f"({n} in {raw['seconds']:.1f}s)")
+                # the raw producer right before and right after each drain: the machine's pace
+                # drifts (2x between runs here), and a ratio against the mean of the two
+                # brackets the drain instead of betting on the minute before it
+                def raw_run(rep: int = rep) -> float:
+                    r = raw_throughput(svc, new_topic("raw"), n, pool)
+                    rec.add("raw_produce_msgs_per_s", r["msgs_per_s"])
+                    log(f"rep {rep + 1}: raw producer {r['msgs_per_s']:,.0f} msg/s "
+                        f"({n} in {r['seconds']:.1f}s)")
+                    return float(r["msgs_per_s"])
+
+                raw_before = raw_run()
                 topic = new_topic("drain")
                 fill_s = fill(box, topic, n, pool)
                 log(f"rep {rep + 1}: backlog of {n} rows written in {fill_s:.1f}s (not timed)")
                 d = relay_drain(box, topic, parts, n, logdir,
                                 poll_every=0.2 if n <= 200_000 else 0.5, timeout=3600)
-                rec.add("raw_produce_msgs_per_s", raw["msgs_per_s"])
+                raw_between = raw_run()
+                raw = (raw_before + raw_between) / 2
                 rec.add("relay_drain_msgs_per_s", d["msgs_per_s"])
-                rec.add("drain_ratio", d["msgs_per_s"] / raw["msgs_per_s"])
+                rec.add("drain_ratio", d["msgs_per_s"] / raw)
                 rec.add("relay_startup_s", d["startup_s"])
                 if d["steady_msgs_per_s"] is not None:  # None: the relay deleted sent rows
                     rec.add("relay_drain_steady_msgs_per_s", d["steady_msgs_per_s"])
@@ -158,19 +167,24 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                 steady = d["steady_msgs_per_s"]
                 log(f"rep {rep + 1}: relay drain {d['msgs_per_s']:,.0f} msg/s "
                     f"(steady {'n/a' if steady is None else f'{steady:,.0f}'}), ratio "
-                    f"{d['msgs_per_s'] / raw['msgs_per_s']:.3f}")
+                    f"{d['msgs_per_s'] / raw:.3f}")
                 # the Helm chart's default: two replicas split the shards
                 topic = new_topic("drain2")
                 fill(box, topic, n, pool)
                 two = drain_with(box, 2, n, logdir, f"drain2-{rep}")
                 if topic_messages(svc, topic, parts) < n:
                     raise BenchError(f"fewer than {n} messages reached {topic}")
+                raw_two = (raw_between + raw_run()) / 2
                 rec.add("two_relays_drain_msgs_per_s", two)
-                rec.add("two_relays_drain_ratio", two / raw["msgs_per_s"])
+                rec.add("two_relays_drain_ratio", two / raw_two)
                 log(f"rep {rep + 1}: two relays drain {two:,.0f} msg/s, ratio "
-                    f"{two / raw['msgs_per_s']:.3f}")
+                    f"{two / raw_two:.3f}")
                 topic = new_topic("draineos")
                 fill(box, topic, n, pool)
+                # a progress topic per repetition: `fill` restarts the ids, and a relay taking
+                # the shards over marks the ids named by the last progress records it finds
+                progress.drop()
+                progress = ProgressTopic(svc)
                 e = relay_drain(box, topic, parts, n, logdir,
                                 poll_every=0.2 if n <= 200_000 else 0.5, timeout=3600,
                                 env=progress.env)
