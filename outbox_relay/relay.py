@@ -385,10 +385,14 @@ class Relay:
             log.warning("shards %s: the sink cannot take them now; leases given back, retried "
                         "at a later rebalance", failed)
             self._give_back(failed)
-        for shard, ids in sorted(recovered.items()):
+        for shard, (ids, created_max) in sorted(recovered.items()):
             if ids and shard in self.epochs:
                 marked = self.store.mark_sent(
-                    self._work, ids, {shard: self.epochs[shard]}, keep=self.settings.keep_sent
+                    self._work,
+                    ids,
+                    {shard: self.epochs[shard]},
+                    keep=self.settings.keep_sent,
+                    created_max=created_max,
                 )
                 log.log(
                     logging.INFO if marked else logging.DEBUG,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -162,10 +163,13 @@ class Store:
             "   last_at = greatest(st.last_at, excluded.last_at)"
             " RETURNING (SELECT count(*) FROM done)"
         )
+        # `created_max` (only for ids a sink recovered, else infinity): no row written after
+        # the sink's record of what it delivered is one of those rows, whatever its id
         q(
             "mark_sent",
             lease + ", done AS (UPDATE {t} o SET sent_at = now() FROM ok"
             " WHERE o.id = ANY(%(ids)s::bigint[]) AND o.shard = ANY(ok.shards)"
+            " AND o.created_at <= to_timestamp(%(created_max)s::float8)"
             " AND o.sent_at IS NULL RETURNING 1)" + count_sent,
             bucket=sql.Literal(SENT_STATS_BUCKET),
         )
@@ -173,6 +177,7 @@ class Store:
             "delete_sent",
             lease + ", done AS (DELETE FROM {t} o USING ok"
             " WHERE o.id = ANY(%(ids)s::bigint[]) AND o.shard = ANY(ok.shards)"
+            " AND o.created_at <= to_timestamp(%(created_max)s::float8)"
             " AND o.sent_at IS NULL RETURNING 1)" + count_sent,
             bucket=sql.Literal(SENT_STATS_BUCKET),
         )
@@ -633,13 +638,19 @@ class Store:
         epochs: dict[int, int],
         *,
         keep: bool,
+        created_max: float | None = None,
     ) -> int:
         """Record the delivery of ``ids`` where the shard's epoch is still ours: delete the
-        rows, or with ``keep`` set their ``sent_at``; count them. Returns rows recorded."""
+        rows, or with ``keep`` set their ``sent_at``; count them. Returns rows recorded.
+        ``created_max``: only rows written no later than this (Unix seconds)."""
         if not ids:
             return 0
         name = "mark_sent" if keep else "delete_sent"
-        row = self._run(conn, name, {"ids": id_array(ids), **_lease_params(epochs)}).fetchone()
+        # a millisecond of slack: the bound went through a float; a row left out is only
+        # published again, a row wrongly marked would be lost
+        bound = math.inf if created_max is None else created_max + 0.001
+        params = {"ids": id_array(ids), "created_max": bound, **_lease_params(epochs)}
+        row = self._run(conn, name, params).fetchone()
         return int(row[0]) if row else 0
 
     def mark_failed(

@@ -219,12 +219,14 @@ def test_fenced_sink_publishes_nothing_and_gives_the_shard_up(
     )
     old, new = KafkaExactlyOnceSink(settings), KafkaExactlyOnceSink(settings)
     try:
-        assert old.recover([2]) == {2: []}
+        assert old.recover([2])[2].ids == []
         rows = [_row(i, 2, topic, f"k{i % 3}") for i in range(1, 11)]
         assert all(o.delivered for o in old.publish(rows[:5], 20))
         # a new owner takes shard 2: its init_transactions fences the old producer, and it
         # learns the ids the old owner's last transaction carried
-        assert new.recover([2]) == {2: [1, 2, 3, 4, 5]}
+        found = new.recover([2])[2]
+        assert found.ids == [1, 2, 3, 4, 5]
+        assert found.created_max == max(r.created_at for r in rows[:5])
         outcomes = old.publish(rows[5:], 20)
         assert not any(o.delivered for o in outcomes), "a fenced producer must not publish"
         assert old.lost_shards() == {2}
@@ -270,7 +272,7 @@ def test_commit_of_unknown_outcome_gives_the_shard_up_and_recovery_resolves_it(
     )
     sink = KafkaExactlyOnceSink(settings)
     try:
-        assert sink.recover([0, 1]) == {0: [], 1: []}
+        assert {s: d.ids for s, d in sink.recover([0, 1]).items()} == {0: [], 1: []}
         state = sink._shards[1]
         flaky = _AnswerLost(state.producer)
         state.producer = flaky
@@ -280,7 +282,7 @@ def test_commit_of_unknown_outcome_gives_the_shard_up_and_recovery_resolves_it(
         assert not any(o.delivered or o.failed for o in outcomes), "no outcome is claimed"
         assert sink.lost_shards() == {1}
         # the relay gives the lease back; the next owner's recovery learns the commit happened
-        assert sink.recover([1]) == {1: [1, 2, 3, 4, 5, 6]}
+        assert sink.recover([1])[1].ids == [1, 2, 3, 4, 5, 6]
         got = consume(kafka_bootstrap, topic, expected=6, timeout=20, settle=2)
         assert sorted(int(m.headers["outbox-id"]) for m in got) == [1, 2, 3, 4, 5, 6]
     finally:
@@ -439,6 +441,33 @@ def test_deleted_progress_topic_warns_and_keeps_delivering(
     assert {json.loads(m.value)["n"] for m in got} == set(range(400)), "nothing lost"
     assert b.output().count('"level": "warning"') > warnings_before
     assert b.alive()
+    assert b.terminate() == 0
+
+
+def test_ids_starting_again_are_not_taken_for_delivered_ones(
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
+    progress_cleanup: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    """The progress records outlive the table's ids: after ``TRUNCATE ... RESTART IDENTITY``
+    (or a table dropped and created again) new rows carry the ids the last records name. A
+    relay taking the shards over must not mark those rows sent: they were never published."""
+    a = relay_factory(**EOS)
+    _enqueue(engine, topic, 40, keys=8)
+    wait_for(lambda: outbox.pending() == 0, 30, "first rows sent")
+    assert a.terminate() == 0
+    outbox.sql("TRUNCATE {t} RESTART IDENTITY")
+    _enqueue(engine, topic, 40, keys=8, start=40)
+    assert outbox.sql("SELECT min(id) FROM {t}") == [(1,)], "the ids started again"
+    b = relay_factory(**EOS)
+    wait_for(lambda: outbox.pending() == 0, 30, "the new rows sent")
+    got = consume(kafka_bootstrap, topic, expected=80, timeout=30, settle=2)
+    assert {json.loads(m.value)["n"] for m in got} == set(range(80)), "a new row went missing"
+    assert set(_copies(got).values()) == {1}
+    assert "ids the sink had already delivered were not marked sent" not in b.output()
     assert b.terminate() == 0
 
 

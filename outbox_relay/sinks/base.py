@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from ..store import OutboxRow
 
@@ -76,17 +76,27 @@ class Sink(Protocol):
         """Flush and release resources."""
 
 
+class Delivered(NamedTuple):
+    """What a sink found it had already delivered of a shard (see :meth:`ShardHooks.recover`)."""
+
+    ids: list[int]
+    #: the latest ``created_at`` (Unix seconds, the database's clock) among those rows, if
+    #: known: a row written later is not one of them, whatever its id (ids start again after
+    #: ``TRUNCATE ... RESTART IDENTITY`` or a re-created table; the sink's record outlives that)
+    created_max: float | None = None
+
+
 @runtime_checkable
 class ShardHooks(Protocol):
     """Optional: a sink that must act when the relay takes or drops a shard's lease."""
 
-    def recover(self, shards: Sequence[int]) -> dict[int, list[int]]:
+    def recover(self, shards: Sequence[int]) -> dict[int, Delivered]:
         """Called right after the relay took the leases of ``shards``, before anything of them
         is published: prepare each shard and return, per shard, the outbox ids the sink already
         delivered but the previous owner may not have marked sent. The relay marks them sent
-        with its new epoch. A shard missing from the result could not be prepared now: the
-        relay gives its lease back and tries again later (so does a
-        :class:`~outbox_relay.errors.SinkError`); a
+        with its new epoch (only rows written no later than ``created_max``). A shard missing
+        from the result could not be prepared now: the relay gives its lease back and tries
+        again later (so does a :class:`~outbox_relay.errors.SinkError`); a
         :class:`~outbox_relay.errors.FatalSinkError` stops the relay."""
         ...
 

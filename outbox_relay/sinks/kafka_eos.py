@@ -62,7 +62,7 @@ from .. import metrics
 from ..errors import ConfigError, FatalSinkError, SinkUnavailable
 from ..settings import Settings
 from ..store import OutboxRow
-from .base import Outcome
+from .base import Delivered, Outcome
 from .kafka import (
     DeliveryReports,
     check_reachable,
@@ -200,7 +200,7 @@ class KafkaExactlyOnceSink:
         self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------ ShardHooks
-    def recover(self, shards: Sequence[int]) -> dict[int, list[int]]:
+    def recover(self, shards: Sequence[int]) -> dict[int, Delivered]:
         """Fence earlier producers of each shard, then return the ids its last committed
         transaction carried (the relay marks them sent before publishing the shard). Shards
         are recovered side by side; one that cannot be recovered now is left out."""
@@ -221,13 +221,13 @@ class KafkaExactlyOnceSink:
         else:
             created = False
 
-        def one(shard: int) -> list[int] | Exception:
+        def one(shard: int) -> Delivered | Exception:
             try:
                 return self._recover(shard, created, deadline)
             except (SinkUnavailable, FatalSinkError) as exc:
                 return exc
 
-        found: dict[int, list[int]] = {}
+        found: dict[int, Delivered] = {}
         fatal: FatalSinkError | None = None
         for shard, result in zip(shards, self._pool.map(one, shards), strict=True):
             if isinstance(result, FatalSinkError):
@@ -240,7 +240,7 @@ class KafkaExactlyOnceSink:
             raise fatal
         return found
 
-    def _recover(self, shard: int, created: bool, deadline: float) -> list[int]:
+    def _recover(self, shard: int, created: bool, deadline: float) -> Delivered:
         producer = self._producer(shard)
         try:
             producer.init_transactions(max(0.1, deadline - time.monotonic()))
@@ -261,19 +261,20 @@ class KafkaExactlyOnceSink:
         self._shards[shard] = _Shard(producer, partition)
         self._lost.discard(shard)
         if created:
-            return []
+            return Delivered([])
         record = self._last_progress(shard, partition, deadline)
         if record is None:
             log.info("shard %d: no progress record yet in %s", shard, self.progress_topic)
-            return []
+            return Delivered([])
         ids = [int(i) for i in record.get("ids", [])]
+        created_max = record.get("created_max")
         log.info(
             "shard %d: last committed transaction %s carried %d ids",
             shard,
             record.get("txn"),
             len(ids),
         )
-        return ids
+        return Delivered(ids, float(created_max) if created_max is not None else None)
 
     def release(self, shard: int) -> None:
         state = self._shards.pop(shard, None)
@@ -338,6 +339,9 @@ class KafkaExactlyOnceSink:
             "shard": shard,
             "txn": txn.token,
             "ids": [rows[i].id for i in txn.included],
+            # the rows' latest created_at: a recovery marks no row written after it (ids can
+            # start again while this record lives on)
+            "created_max": max(rows[i].created_at for i in txn.included),
             "relay": self._settings.relay_name,
             "at": round(time.time(), 3),
         }
