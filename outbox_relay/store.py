@@ -89,7 +89,7 @@ class Store:
                 t=t, shards=shards, wakeup=wakeup, meta=meta, stats=stats, **extra
             )
 
-        # headers as text: most rows have none ('{}'), and parsing is skipped for those
+        # headers as JSON text, NULL when empty (most rows): the sinks parse only the others
         cols = (
             "o.id, o.idempotency_key, o.topic, o.key, o.payload, o.content_type,"
             " NULLIF(o.headers, '{{}}'::jsonb)::text, o.shard, o.attempts,"
