@@ -537,6 +537,15 @@ kafka_pid() {
 
 kafka_running() { kafka_pid >/dev/null; }
 
+# While the broker starts: is the process we launched still there? It is a shell for a moment
+# and then, by exec, setsid, nohup and java: its command line names the broker's config only
+# from the exec on, so kafka_pid's check of it would take a slow start for an exit.
+kafka_launched_alive() {
+  local pid
+  pid="$(cat -- "$KAFKA_PIDFILE" 2>/dev/null || true)"
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+}
+
 python_bin() {
   if [[ -x "$REPO/.venv/bin/python" ]]; then
     printf '%s' "$REPO/.venv/bin/python"
@@ -585,7 +594,7 @@ kafka_wait_ready() {
   say "waiting for Kafka on 127.0.0.1:$KAFKA_PORT (metadata request, up to ${TIMEOUT}s)..."
   local deadline=$((SECONDS + TIMEOUT))
   until kafka_ready; do
-    if ! kafka_running; then
+    if ! kafka_launched_alive; then
       printf '%s: error: Kafka broker exited during startup (logs: %s)\n' "$PROG" "$KAFKA_LOGS" >&2
       tail_log "$KAFKA_OUT"
       tail_log "$KAFKA_SERVER_LOG"
