@@ -23,7 +23,9 @@ transaction at a time. Two rules prevent it:
   cursor of the fetch *before* the last one (one batch of margin), never from the last one.
 * A remembered transaction may end between the list and the fetch: its rows are then visible
   but may lie below where the fetch read. The list is read again after the fetch; if such a
-  transaction is gone from it, the fetch is planned and run again before anything is published.
+  transaction is gone from it, the fetch is planned and run again before anything is published,
+  and that fetch is checked the same way (another may end during it). After three fetches in
+  a row, the next reads every shard from its start, which no ending transaction can make stale.
 
 A transaction that stays open for hours (a report, an idle-in-transaction client) thus does not
 hold the cursors back while it runs; when it ends, one fetch reads from where it started.

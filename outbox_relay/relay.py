@@ -37,6 +37,10 @@ from .store import Failure, OutboxRow, Store
 
 log = logging.getLogger(__name__)
 
+#: Fetches run again in a row because a transaction ended during the last one; the last of
+#: them reads every shard from its start (needs no list).
+MAX_REFETCHES = 3
+
 #: Short, growing polls right after going idle: they close the window in which a producer's
 #: trigger saw "busy" (no NOTIFY) but its transaction committed after our last fetch.
 IDLE_TAIL = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
@@ -503,12 +507,20 @@ class Relay:
         from_start = shards if full else retrying
         after = self._cursors.plan(running, shards, from_start)
         rows = self.store.fetch(self._work, shards, blocked, per_shard, after)
-        if self._cursors.may_go_stale(shards, after):
+        # A remembered transaction that ended while a fetch ran may have left rows below where
+        # it read: fetch again, and check that fetch the same way (a transaction can end
+        # during any of them). After MAX_REFETCHES, every shard is read from its start.
+        for attempt in range(1, MAX_REFETCHES + 1):
+            if not self._cursors.may_go_stale(shards, after):
+                break
             running = self.store.running_xids(self._work)
-            if self._cursors.stale(running, shards, after):
-                after = self._cursors.plan(running, shards, from_start)
-                rows = self.store.fetch(self._work, shards, blocked, per_shard, after)
-                metrics.REFETCHES.inc()
+            if not self._cursors.stale(running, shards, after):
+                break
+            after = self._cursors.plan(
+                running, shards, shards if attempt == MAX_REFETCHES else from_start
+            )
+            rows = self.store.fetch(self._work, shards, blocked, per_shard, after)
+            metrics.REFETCHES.inc()
         self._read = shards
         self._last_plan = (len(running), after)
         return rows

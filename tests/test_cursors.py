@@ -108,3 +108,55 @@ def test_a_transaction_id_of_another_session_starts_fresh() -> None:
     c.plan({9: 43}, SHARDS)
     c.advance(SHARDS, {0: 500, 1: 500}, {})
     assert c.plan({}, SHARDS) == [200, 200]  # where 9 was first seen
+
+
+class _ScriptedStore:
+    """The three statements of a fetch with cursors, answered from a script."""
+
+    def __init__(self, held_running: dict[int, int], lists: list[dict[int, int]]) -> None:
+        self.held_running = held_running
+        self.lists = lists
+        self.reads: list[list[int]] = []
+
+    def held(self, *_args: object, **_kw: object) -> tuple[list[int], list[str], dict[int, int]]:
+        return [], [], self.held_running
+
+    def fetch(self, _conn: object, _shards: object, _blocked: object, _limit: object,
+              after: list[int]) -> list[object]:
+        self.reads.append(list(after))
+        return []
+
+    def running_xids(self, _conn: object) -> dict[int, int]:
+        return self.lists.pop(0)
+
+
+def test_a_transaction_ending_during_the_second_fetch_makes_a_third() -> None:
+    """Two transactions seen in earlier rounds are still running when round 4 lists: the
+    younger ends during the fetch (so it is read again from lower), the older during that
+    second fetch: a third fetch must read below both, before anything is published."""
+    from outbox_relay.relay import Relay
+    from outbox_relay.settings import load_settings
+    from outbox_relay.sinks.base import Outcome
+
+    class _Sink:
+        name = "test"
+
+        def publish(self, rows: object, timeout: float) -> list[Outcome]:
+            return []
+
+    relay = Relay(load_settings(database_url="postgresql://u@127.0.0.1/db",
+                                rescan_interval=3600), _Sink())  # type: ignore[arg-type]
+    relay._next_rescan = float("inf")
+    relay._work = object()  # type: ignore[assignment]
+    c = relay._cursors
+    shard = [0]
+    c.plan({}, shard)
+    c.advance(shard, {0: 10}, {})
+    c.plan({99: 1}, shard)  # txn 99 appears: its rows may lie above nothing read yet
+    c.advance(shard, {0: 20}, {})
+    c.plan({99: 1, 100: 2}, shard)  # txn 100 appears: its rows lie above 10
+    c.advance(shard, {0: 30}, {})
+    store = _ScriptedStore({99: 1, 100: 2}, [{99: 1}, {}])  # 100 ends, then 99 ends
+    relay.store = store  # type: ignore[assignment]
+    relay._fetch(shard, 100)
+    assert store.reads == [[20], [10], [0]]
