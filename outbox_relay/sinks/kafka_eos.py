@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 import warnings
@@ -195,8 +196,11 @@ class KafkaExactlyOnceSink:
         return [o if o is not None else Outcome.skip() for o in outcomes]
 
     def close(self, timeout: float) -> None:
-        for shard in list(self._shards):
-            self.release(shard)
+        deadline = time.monotonic() + timeout
+        closing = [self._release(shard) for shard in list(self._shards)]
+        for thread in closing:
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------ ShardHooks
@@ -277,17 +281,22 @@ class KafkaExactlyOnceSink:
         return Delivered(ids, float(created_max) if created_max is not None else None)
 
     def release(self, shard: int) -> None:
+        self._release(shard)
+
+    def _release(self, shard: int) -> threading.Thread | None:
+        """Forget the shard; its producer is closed on a thread of its own (returned): closing
+        a producer whose abort timed out (the broker just came back) can wait for that
+        transaction to end, and the relay's loop must go on (the shard's next owner's
+        init_transactions fences this producer anyway)."""
         state = self._shards.pop(shard, None)
         self._lost.discard(shard)
-        if state is not None:
-            try:
-                with warnings.catch_warnings():  # "abort_transaction failed during close"
-                    warnings.simplefilter("ignore")
-                    state.producer.purge()
-                    state.producer.flush(0)
-                    state.producer.close()
-            except (KafkaException, RuntimeError) as exc:
-                log.debug("shard %d: closing its producer: %s", shard, describe(exc))
+        if state is None:
+            return None
+        thread = threading.Thread(
+            target=_close, args=(shard, state.producer), name="outbox-eos-close", daemon=True
+        )
+        thread.start()
+        return thread
 
     def lost_shards(self) -> set[int]:
         lost, self._lost = self._lost, set()
@@ -682,3 +691,15 @@ class KafkaExactlyOnceSink:
 
 
 __all__ = ["RECOVER_TIMEOUT", "KafkaExactlyOnceSink"]
+
+
+def _close(shard: int, producer: Producer) -> None:
+    """Drop what a shard's producer still holds and close it."""
+    try:
+        with warnings.catch_warnings():  # "abort_transaction failed during close"
+            warnings.simplefilter("ignore")
+            producer.purge()
+            producer.flush(0)
+            producer.close()
+    except (KafkaException, RuntimeError) as exc:
+        log.debug("shard %d: closing its producer: %s", shard, describe(exc))
