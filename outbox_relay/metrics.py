@@ -35,6 +35,13 @@ REFETCHES = Counter(
     " while the fetch ran",
     registry=REGISTRY,
 )
+READ_AHEAD = Counter(
+    "outbox_read_ahead_batches",
+    "Batches read while the batch before them was being acknowledged (a backlog): `used`, or"
+    " `voided` because a row of that batch was not delivered",
+    ["outcome"],
+    registry=REGISTRY,
+)
 LAG = Histogram(
     "outbox_end_to_end_lag_seconds",
     "Row created -> sink confirmed",

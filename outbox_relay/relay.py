@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from tenacity import Retrying, retry_if_exception_type, stop_any, wait_random_exponential
@@ -32,7 +32,7 @@ from .guard import Maintenance
 from .health import RelayState
 from .listener import Listener, Sleeper, Waiter
 from .settings import Settings, redact, relay_conninfo
-from .sinks.base import Outcome, ShardHooks, Sink
+from .sinks.base import Outcome, Pipelined, ShardHooks, Sink
 from .store import Failure, OutboxRow, Store
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,13 @@ def backoff(attempts: int, base: float, cap: float, hint: float | None = None) -
     if hint is not None:
         return min(cap, max(hint, 0.0)) + random.uniform(0, min(1.0, base))
     return random.uniform(0, min(cap, base * (2 ** min(attempts, 30))))
+
+
+class _Ahead(NamedTuple):
+    """A batch read while the one before it was being acknowledged."""
+
+    owned: int  #: the relay's ``_owned_version`` when it was read
+    rows: list[OutboxRow]
 
 
 class _StopWhen(stop_base):
@@ -91,6 +98,8 @@ class Relay:
         self._read: list[int] = []  # the shards the last fetch read
         self._last_plan: tuple[int, list[int]] = (0, [])
         self._next_rescan = 0.0
+        self._owned_version = 0
+        self._ahead: _Ahead | None = None  # the next batch, read while one was acknowledged
         self.maintenance = Maintenance(settings, self.store, self.state)  # ops: guard.py
 
     # ------------------------------------------------------------------ lifecycle
@@ -231,6 +240,7 @@ class Relay:
                     conn.close()
         self._work = self._lease = None
         self._waiter = None
+        self._ahead = None
         if self.epochs:
             log.info("dropped leases of shards %s with the connection", sorted(self.epochs))
         self._sink_release(sorted(self.epochs))
@@ -386,8 +396,11 @@ class Relay:
             recovered = {}
         failed = [s for s in shards if s not in recovered]
         if failed:
-            log.warning("shards %s: the sink cannot take them now; leases given back, retried "
-                        "at a later rebalance", failed)
+            log.warning(
+                "shards %s: the sink cannot take them now; leases given back, retried "
+                "at a later rebalance",
+                failed,
+            )
             self._give_back(failed)
         for shard, (ids, created_max) in sorted(recovered.items()):
             if ids and shard in self.epochs:
@@ -432,14 +445,16 @@ class Relay:
             return
         lost = sorted(self._hooks.lost_shards() & set(self.epochs))
         if lost:
-            log.warning("shards %s: the sink can no longer publish for them; leases given back",
-                        lost)
+            log.warning(
+                "shards %s: the sink can no longer publish for them; leases given back", lost
+            )
             self._give_back(lost)
             self._owned_changed()
             self._next_rebalance = 0.0  # take them again (and so recover them) soon
 
     def _owned_changed(self) -> None:
         self._cursors.clear()
+        self._owned_version += 1  # a batch read ahead is of the shards owned before
         metrics.SHARDS_OWNED.set(len(self.epochs))
         self.state.owned = tuple(sorted(self.epochs))
 
@@ -453,7 +468,14 @@ class Relay:
         if not shards:
             return 0
         batch = s.round_rows
-        rows = self._fetch(shards, max(batch // len(shards), min(64, batch)))
+        per_shard = max(batch // len(shards), min(64, batch))
+        ahead, self._ahead = self._ahead, None
+        read_ahead = ahead is not None and ahead.owned == self._owned_version
+        if ahead is not None and read_ahead:
+            rows = ahead.rows
+            metrics.READ_AHEAD.labels("used").inc()
+        else:
+            rows = self._fetch(shards, per_shard)
         if not rows:
             self._cursors.advance(shards, {}, {})  # nothing pending from where it read
             return 0
@@ -462,26 +484,39 @@ class Relay:
         held = self._verify_leases()  # confirm the lease right before publishing
         epochs = {sh: e for sh, e in self.epochs.items() if sh in held}
         rows = [r for r in rows if r.shard in epochs]
-        self._advance(fetched, rows)
+        backlog = self._advance(fetched, rows) >= per_shard
         if not rows:
             return 0
         timeout = s.kafka_delivery_timeout + 5.0
         try:
-            outcomes = self.sink.publish(rows, timeout)
+            if backlog and isinstance(self.sink, Pipelined):
+                finish = self.sink.send(rows, timeout)
+                # a backlog: read the next batch while this one is acknowledged (its rows are
+                # not marked yet, so they are left out by id); used only if all goes well
+                self._ahead = _Ahead(
+                    self._owned_version,
+                    self._fetch(shards, per_shard, skip=[r.id for r in rows]),
+                )
+                outcomes = finish()
+            else:
+                outcomes = self.sink.publish(rows, timeout)
         except FatalSinkError:
+            self._ahead = None
             self.state.sink = False
             raise
         self._record(rows, outcomes, epochs)
         self._drop_lost_shards()
         if log.isEnabledFor(logging.DEBUG):
-            self._log_batch(rows, outcomes, started)
+            self._log_batch(rows, outcomes, started, read_ahead)
         metrics.BATCH_SIZE.observe(len(rows))
         metrics.BATCH_SECONDS.observe(time.monotonic() - started)
         return len(rows)
 
-    def _fetch(self, shards: list[int], per_shard: int) -> list[OutboxRow]:
+    def _fetch(
+        self, shards: list[int], per_shard: int, skip: Sequence[int] = ()
+    ) -> list[OutboxRow]:
         """Pending rows of the owned shards, each shard read from its cursor (see
-        :mod:`~outbox_relay.cursors`).
+        :mod:`~outbox_relay.cursors`), none of the ids in ``skip``.
 
         A shard with rows in retry state is read from its start: once a retrying key's backoff
         ends, its earlier rows must go out before the later ones past the cursor. Every
@@ -495,7 +530,7 @@ class Relay:
         )
         if not cursors:  # the default: every shard from its first pending row, no bookkeeping
             self._read = shards
-            return self.store.fetch(self._work, shards, blocked, per_shard)
+            return self.store.fetch(self._work, shards, blocked, per_shard, skip=skip)
         now = time.monotonic()
         full = now >= self._next_rescan
         if full:
@@ -506,7 +541,7 @@ class Relay:
             self._cursors.reset(shard)
         from_start = shards if full else retrying
         after = self._cursors.plan(running, shards, from_start)
-        rows = self.store.fetch(self._work, shards, blocked, per_shard, after)
+        rows = self.store.fetch(self._work, shards, blocked, per_shard, after, skip)
         # A remembered transaction that ended while a fetch ran may have left rows below where
         # it read: fetch again, and check that fetch the same way (a transaction can end
         # during any of them). After MAX_REFETCHES, every shard is read from its start.
@@ -519,23 +554,29 @@ class Relay:
             after = self._cursors.plan(
                 running, shards, shards if attempt == MAX_REFETCHES else from_start
             )
-            rows = self.store.fetch(self._work, shards, blocked, per_shard, after)
+            rows = self.store.fetch(self._work, shards, blocked, per_shard, after, skip)
             metrics.REFETCHES.inc()
         self._read = shards
         self._last_plan = (len(running), after)
         return rows
 
-    def _advance(self, fetched: Sequence[OutboxRow], kept: Sequence[OutboxRow]) -> None:
+    def _advance(self, fetched: Sequence[OutboxRow], kept: Sequence[OutboxRow]) -> int:
         """Move each shard's cursor to its last fetched row, but never past a row that was
-        fetched and held back (not contiguous in its key's sequence, or a lease just lost)."""
-        kept_ids = {r.id for r in kept}
+        fetched and held back (not contiguous in its key's sequence, or a lease just lost).
+        Returns the most rows fetched of one shard (a full read means more are pending)."""
         last: dict[int, int] = {}
+        count: dict[int, int] = {}
         held_back: dict[int, int] = {}
         for r in fetched:
-            last[r.shard] = max(last.get(r.shard, 0), r.id)
-            if r.id not in kept_ids:
-                held_back[r.shard] = min(held_back.get(r.shard, r.id), r.id)
+            last[r.shard] = r.id  # rows come in id order
+            count[r.shard] = count.get(r.shard, 0) + 1
+        if len(kept) < len(fetched):
+            kept_ids = {r.id for r in kept}
+            for r in fetched:
+                if r.id not in kept_ids:
+                    held_back[r.shard] = min(held_back.get(r.shard, r.id), r.id)
         self._cursors.advance(self._read, last, held_back)
+        return max(count.values(), default=0)
 
     def _in_sequence(self, rows: list[OutboxRow]) -> list[OutboxRow]:
         """Keep each sequenced key's rows only in a contiguous run from its lowest pending
@@ -576,6 +617,9 @@ class Relay:
                 delivered.append(r)
                 continue
             self._cursors.reset(r.shard)  # read its shard from the start again (see _fetch)
+            if self._ahead is not None:  # read past this row: its key's later rows must wait
+                self._ahead = None
+                metrics.READ_AHEAD.labels("voided").inc()
             if not o.failed:
                 continue
             if o.counts_attempt:
@@ -640,21 +684,27 @@ class Relay:
         self.maintenance.tick(self._work, sorted(self.epochs))
 
     def _log_batch(
-        self, rows: Sequence[OutboxRow], outcomes: Sequence[Outcome], started: float
+        self,
+        rows: Sequence[OutboxRow],
+        outcomes: Sequence[Outcome],
+        started: float,
+        read_ahead: bool,
     ) -> None:
         """One debug line per batch: shards, id range, counts (never payloads)."""
         delivered = sum(1 for o in outcomes if o.delivered)
         failed = sum(1 for o in outcomes if o.failed)
         first, last = min(r.id for r in rows), max(r.id for r in rows)
         log.debug(
-            "batch of %d rows (ids %d..%d): %d delivered, %d failed, %d not attempted",
+            "batch of %d rows (ids %d..%d%s): %d delivered, %d failed, %d not attempted",
             len(rows),
             first,
             last,
+            ", read ahead" if read_ahead else "",
             delivered,
             failed,
             len(rows) - delivered - failed,
             extra={
+                "read_ahead": read_ahead,
                 "shards": sorted({r.shard for r in rows}),
                 "first_id": first,
                 "last_id": last,

@@ -124,18 +124,23 @@ class Store:
         # (shard, id) can then give the order and the bounds. With an equality the planner may
         # walk the primary key in id order instead, filtering out the other shards' rows and
         # stepping over every deleted row (~15x slower on a drained backlog).
-        q(
-            "fetch",
-            "SELECT " + cols + " FROM unnest(%(shards)s::smallint[], %(after)s::bigint[])"
-            " AS s(shard, after)"
-            " CROSS JOIN LATERAL (SELECT * FROM {t} p"
-            "   WHERE (p.shard, p.id) > (s.shard, s.after)"
-            "   AND (p.shard, p.id) < (s.shard, 9223372036854775807) AND p.sent_at IS NULL"
-            "   AND p.dead_at IS NULL"
-            "   AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= now())"
-            "   AND (p.key IS NULL OR p.key <> ALL(%(blocked)s::text[]))"
-            "   ORDER BY p.shard, p.id LIMIT %(limit)s) AS o",
-        )
+        # `fetch_past`: the same, leaving out the rows of a batch still being published (read
+        # ahead while the sink waits for its acknowledgements; those rows are not marked yet)
+        past = " AND p.id NOT IN (SELECT unnest(%(skip)s::bigint[]))"
+        for name, skip in (("fetch", ""), ("fetch_past", past)):
+            q(
+                name,
+                "SELECT " + cols + " FROM unnest(%(shards)s::smallint[], %(after)s::bigint[])"
+                " AS s(shard, after)"
+                " CROSS JOIN LATERAL (SELECT * FROM {t} p"
+                "   WHERE (p.shard, p.id) > (s.shard, s.after)"
+                "   AND (p.shard, p.id) < (s.shard, 9223372036854775807) AND p.sent_at IS NULL"
+                "   AND p.dead_at IS NULL"
+                "   AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= now())"
+                "   AND (p.key IS NULL OR p.key <> ALL(%(blocked)s::text[]))"
+                + skip
+                + "   ORDER BY p.shard, p.id LIMIT %(limit)s) AS o",
+            )
         # The lowest pending sequence number of each given (topic, key): a key's sequenced rows
         # are published only in a contiguous run starting there.
         q(
@@ -607,20 +612,21 @@ class Store:
         blocked: Sequence[str],
         limit: int,
         after: Sequence[int] | None = None,
+        skip: Sequence[int] = (),
     ) -> list[OutboxRow]:
-        """Up to ``limit`` pending rows per shard in id order, each shard past ``after``."""
+        """Up to ``limit`` pending rows per shard in id order, each shard past ``after``, none
+        of the ids in ``skip``."""
+        params: dict[str, Any] = {
+            "shards": list(shards),
+            "after": list(after) if after is not None else [0] * len(shards),
+            "blocked": list(blocked),
+            "limit": limit,
+        }
+        if skip:
+            params["skip"] = id_array(skip)
         # binary: payloads arrive as raw bytes instead of hex text (half the bytes, no decoding)
         cur = conn.cursor(binary=True, row_factory=_outbox_rows)
-        cur.execute(
-            self._q["fetch"],
-            {
-                "shards": list(shards),
-                "after": list(after) if after is not None else [0] * len(shards),
-                "blocked": list(blocked),
-                "limit": limit,
-            },
-            prepare=True,
-        )
+        cur.execute(self._q["fetch_past" if skip else "fetch"], params, prepare=True)
         rows = cur.fetchall()
         rows.sort(key=_first)  # id order across the shards
         return rows

@@ -122,7 +122,7 @@ class _ScriptedStore:
         return [], [], self.held_running
 
     def fetch(self, _conn: object, _shards: object, _blocked: object, _limit: object,
-              after: list[int]) -> list[object]:
+              after: list[int], _skip: object = ()) -> list[object]:
         self.reads.append(list(after))
         return []
 

@@ -511,6 +511,49 @@ def test_oversized_message_dead_letters_and_cli_retry(
     wait_for(lambda: outbox.pending() == 0, 10, "retried dead letter sent")
 
 
+def test_a_key_failing_in_a_backlog_holds_its_rows_already_read_ahead(
+    outbox: Outbox,
+    engine: Engine,
+    kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In a backlog the relay reads the next batch while the current one is acknowledged. A
+    row of that batch failing (here refused as too large) must void the batch read ahead: it
+    holds later rows of the failing key, which must wait until the head is dead-lettered."""
+    from outbox_relay.settings import producer_settings
+
+    topic = f"test.ahead.{os.urandom(4).hex()}"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, 4, 1)])[topic].result(30)
+    monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", str(3_000_000))
+    producer_settings.cache_clear()
+    later = 300  # the key's rows after its head: several rounds of 64 rows of its shard
+    with Session(engine) as s, s.begin():
+        enqueue(s, topic, b"x" * 2_000_000, key="hot", idempotency_key="head")
+        for i in range(later):
+            enqueue(s, topic, {"n": i}, key="hot", idempotency_key=f"hot-{i}")
+            enqueue(s, topic, {"n": i}, key=f"other-{i % 7}", idempotency_key=f"other-{i}")
+    relay = relay_factory(
+        OUTBOX_BATCH_SIZE="64",
+        OUTBOX_MAX_ATTEMPTS="3",
+        OUTBOX_RETRY_BACKOFF_BASE="0.3",
+        OUTBOX_KEEP_SENT="true",
+        OUTBOX_LOG_LEVEL="DEBUG",
+    )
+    wait_for(lambda: outbox.pending() == 1, 60, "the backlog drained, the head dead-lettered")
+    relay.terminate()
+    early = outbox.sql(
+        "SELECT count(*) FROM {t} WHERE key = 'hot' AND idempotency_key <> 'head'"
+        " AND sent_at < (SELECT dead_at FROM {t} WHERE idempotency_key = 'head')"
+    )[0][0]
+    assert early == 0, f"{early} rows of the failing key went out before its head was through"
+    got = consume(kafka_bootstrap, topic, expected=2 * later, timeout=60, settle=1)
+    hot = [json.loads(m.value)["n"] for m in got if m.key == "hot"]
+    assert hot == list(range(later)), "the key's later rows, each once, in order"
+    assert "read ahead" in relay.output(), "the backlog was drained with batches read ahead"
+
+
 @pytest.mark.parametrize(
     ("env", "needle"),
     [

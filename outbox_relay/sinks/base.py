@@ -11,7 +11,7 @@ every round which shards it must give up.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -74,6 +74,18 @@ class Sink(Protocol):
 
     def close(self, timeout: float) -> None:
         """Flush and release resources."""
+
+
+@runtime_checkable
+class Pipelined(Protocol):
+    """Optional: a sink whose publishing comes in two steps, so that the relay can read its
+    next batch from the database while this one's acknowledgements are awaited."""
+
+    def send(self, rows: Sequence[OutboxRow], timeout: float) -> Callable[[], list[Outcome]]:
+        """Start delivering ``rows`` and return at once. The callable returned waits (at most
+        ``timeout`` seconds from the call to ``send``) and returns the outcomes, as
+        :meth:`Sink.publish` would; it is called exactly once, before the next ``send``."""
+        ...
 
 
 class Delivered(NamedTuple):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -176,6 +176,12 @@ class KafkaSink:
         check_reachable(self._producer, self._settings.kafka_bootstrap_servers, timeout)
 
     def publish(self, rows: Sequence[OutboxRow], timeout: float) -> list[Outcome]:
+        return self.send(rows, timeout)()
+
+    def send(self, rows: Sequence[OutboxRow], timeout: float) -> Callable[[], list[Outcome]]:
+        """Hand ``rows`` to the producer and return; the result waits for their delivery (at
+        most ``timeout`` seconds from now) and returns their outcomes (see :class:`Pipelined`)."""
+        deadline = time.monotonic() + timeout
         outcomes: list[Outcome | None] = [None] * len(rows)
         failed_keys: set[str] = set()
         reports = DeliveryReports()
@@ -192,21 +198,26 @@ class KafkaSink:
                 try:
                     produce(topic, row.payload, row.key, headers=headers, on_delivery=on_delivery)
                 except BufferError:
-                    produce_when_room(self._producer, topic, row.payload, row.key, headers,
-                                      on_delivery)
+                    produce_when_room(
+                        self._producer, topic, row.payload, row.key, headers, on_delivery
+                    )
                 queued.append(i)
             except KafkaException as exc:  # refused before it was sent (e.g. too large)
                 outcomes[i] = Outcome.fail(f"kafka: {describe(exc)}")
                 if row.key is not None:
                     failed_keys.add(row.key)
-        complete = self._wait(timeout)
-        if reports.fatal is not None:
-            self._fatal = reports.fatal
-        if self._fatal is not None:
-            raise FatalSinkError(f"kafka producer fatal error: {self._fatal.str()}")
-        for i, outcome in reports.outcomes(rows, queued, prefix, complete).items():
-            outcomes[i] = outcome
-        return [o if o is not None else Outcome.skip() for o in outcomes]
+
+        def finish() -> list[Outcome]:
+            complete = self._wait(max(0.0, deadline - time.monotonic()))
+            if reports.fatal is not None:
+                self._fatal = reports.fatal
+            if self._fatal is not None:
+                raise FatalSinkError(f"kafka producer fatal error: {self._fatal.str()}")
+            for i, outcome in reports.outcomes(rows, queued, prefix, complete).items():
+                outcomes[i] = outcome
+            return [o if o is not None else Outcome.skip() for o in outcomes]
+
+        return finish
 
     def _wait(self, timeout: float) -> bool:
         """Until every message produced has been delivered or refused (the producer's queue is
