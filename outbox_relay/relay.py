@@ -19,6 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import psycopg
@@ -100,6 +101,11 @@ class Relay:
         self._next_rescan = 0.0
         self._owned_version = 0
         self._ahead: _Ahead | None = None  # the next batch, read while one was acknowledged
+        # in a backlog a batch is marked on its own connection and thread, as soon as it is
+        # acknowledged, while the next batch is read (both opened at the first backlog)
+        self._marker: psycopg.Connection[Any] | None = None
+        self._marker_pid = 0
+        self._marking: ThreadPoolExecutor | None = None
         self.maintenance = Maintenance(settings, self.store, self.state)  # ops: guard.py
 
     # ------------------------------------------------------------------ lifecycle
@@ -234,11 +240,12 @@ class Relay:
 
     def _drop_connections(self) -> None:
         self.state.database = False
-        for conn in (self._work, self._lease, self._waiter):
+        for conn in (self._work, self._lease, self._waiter, self._marker):
             if conn is not None:
                 with contextlib.suppress(Exception):  # closing a broken connection
                     conn.close()
-        self._work = self._lease = None
+        self._work = self._lease = self._marker = None
+        self._marker_pid = 0
         self._waiter = None
         self._ahead = None
         if self.epochs:
@@ -490,27 +497,71 @@ class Relay:
         timeout = s.kafka_delivery_timeout + 5.0
         try:
             if backlog and isinstance(self.sink, Pipelined):
-                finish = self.sink.send(rows, timeout)
-                # a backlog: read the next batch while this one is acknowledged (its rows are
-                # not marked yet, so they are left out by id); used only if all goes well
-                self._ahead = _Ahead(
-                    self._owned_version,
-                    self._fetch(shards, per_shard, skip=[r.id for r in rows]),
+                outcomes, marked = self._publish_reading_ahead(
+                    self.sink, rows, epochs, shards, per_shard, timeout
                 )
-                outcomes = finish()
             else:
-                outcomes = self.sink.publish(rows, timeout)
+                outcomes, marked = self.sink.publish(rows, timeout), None
         except FatalSinkError:
             self._ahead = None
             self.state.sink = False
             raise
-        self._record(rows, outcomes, epochs)
+        self._record(rows, outcomes, epochs, marked)
         self._drop_lost_shards()
         if log.isEnabledFor(logging.DEBUG):
             self._log_batch(rows, outcomes, started, read_ahead)
         metrics.BATCH_SIZE.observe(len(rows))
         metrics.BATCH_SECONDS.observe(time.monotonic() - started)
         return len(rows)
+
+    def _publish_reading_ahead(
+        self,
+        sink: Pipelined,
+        rows: list[OutboxRow],
+        epochs: dict[int, int],
+        shards: list[int],
+        per_shard: int,
+        timeout: float,
+    ) -> tuple[list[Outcome], int | None]:
+        """A backlog: publish ``rows`` and, while they are acknowledged, read the next batch
+        (their rows are not marked yet, so they are left out by id; the batch read is used
+        only if every row is delivered). Once all are acknowledged they are marked at once,
+        on a connection and thread of their own, still before anything more is published.
+        Returns the outcomes and the rows marked, or None if not marked here (see
+        :meth:`_record`)."""
+        if self._marker is None:
+            self._marker = psycopg.connect(
+                self._conninfo,
+                autocommit=True,
+                application_name=f"outbox-relay mark {self.settings.relay_name}",
+            )
+            self._marker_pid = self.store.backend_pid(self._marker)
+        if self._marking is None:
+            self._marking = ThreadPoolExecutor(1, thread_name_prefix="outbox-mark")
+        finish = sink.send(rows, timeout)
+        marking = self._marking.submit(self._finish_and_mark, finish, rows, epochs, self._marker)
+        try:
+            ahead = self._fetch(shards, per_shard, skip=[r.id for r in rows])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                marking.result()  # never leave the marker busy behind a reconnect
+            raise
+        result = marking.result()
+        self._ahead = _Ahead(self._owned_version, ahead)
+        return result
+
+    def _finish_and_mark(
+        self,
+        finish: Callable[[], list[Outcome]],
+        rows: Sequence[OutboxRow],
+        epochs: dict[int, int],
+        conn: psycopg.Connection[Any],
+    ) -> tuple[list[Outcome], int | None]:
+        outcomes = finish()
+        if not all(o.delivered for o in outcomes):
+            return outcomes, None  # the failures are recorded with the rest, by _record
+        ids = [r.id for r in rows]
+        return outcomes, self.store.mark_sent(conn, ids, epochs, keep=self.settings.keep_sent)
 
     def _fetch(
         self, shards: list[int], per_shard: int, skip: Sequence[int] = ()
@@ -528,6 +579,7 @@ class Relay:
         retrying, blocked, running = self.store.held(
             self._work, shards, s.strict_order, list_running=cursors
         )
+        running = self._others(running)
         if not cursors:  # the default: every shard from its first pending row, no bookkeeping
             self._read = shards
             return self.store.fetch(self._work, shards, blocked, per_shard, skip=skip)
@@ -548,7 +600,7 @@ class Relay:
         for attempt in range(1, MAX_REFETCHES + 1):
             if not self._cursors.may_go_stale(shards, after):
                 break
-            running = self.store.running_xids(self._work)
+            running = self._others(self.store.running_xids(self._work))
             if not self._cursors.stale(running, shards, after):
                 break
             after = self._cursors.plan(
@@ -559,6 +611,13 @@ class Relay:
         self._read = shards
         self._last_plan = (len(running), after)
         return rows
+
+    def _others(self, running: dict[int, int]) -> dict[int, int]:
+        """``running`` without this relay's marking session: it only deletes (or updates)
+        rows, it never writes one, so it cannot hold a row below a cursor."""
+        if not self._marker_pid:
+            return running
+        return {x: pid for x, pid in running.items() if pid != self._marker_pid}
 
     def _advance(self, fetched: Sequence[OutboxRow], kept: Sequence[OutboxRow]) -> int:
         """Move each shard's cursor to its last fetched row, but never past a row that was
@@ -604,8 +663,14 @@ class Relay:
         return plain
 
     def _record(
-        self, rows: Sequence[OutboxRow], outcomes: Sequence[Outcome], epochs: dict[int, int]
+        self,
+        rows: Sequence[OutboxRow],
+        outcomes: Sequence[Outcome],
+        epochs: dict[int, int],
+        marked: int | None = None,
     ) -> None:
+        """Mark the delivered rows sent (unless ``marked`` says how many already were), record
+        the failures, count."""
         assert self._work is not None
         s = self.settings
         sink = self.sink.name
@@ -632,9 +697,10 @@ class Relay:
             self.store.mark_deferred(self._work, deferred, epochs)
         self.state.sink = bool(delivered) or not (failures or deferred)
         if delivered:
-            marked = self.store.mark_sent(
-                self._work, [r.id for r in delivered], epochs, keep=s.keep_sent
-            )
+            if marked is None:
+                marked = self.store.mark_sent(
+                    self._work, [r.id for r in delivered], epochs, keep=s.keep_sent
+                )
             if marked < len(delivered):
                 # Another relay took a shard over between publish and mark: its epoch fenced us
                 # out; it will publish those rows again (same idempotency keys).
