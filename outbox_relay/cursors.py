@@ -25,7 +25,10 @@ transaction at a time. Two rules prevent it:
   but may lie below where the fetch read. The list is read again after the fetch; if such a
   transaction is gone from it, the fetch is planned and run again before anything is published,
   and that fetch is checked the same way (another may end during it). After three fetches in
-  a row, the next reads every shard from its start, which no ending transaction can make stale.
+  a row, the next reads each shard from below where any remembered transaction's rows may lie,
+  which no ending transaction can make stale (a busy stream of short transactions gets there
+  often; reading every shard from its start instead walked all the rows deleted since the last
+  vacuum, each time).
 
 A transaction that stays open for hours (a report, an idle-in-transaction client) thus does not
 hold the cursors back while it runs; when it ends, one fetch reads from where it started.
@@ -88,6 +91,16 @@ class FetchCursors:
         return [
             0 if sh in skip else min(self._previous.get(sh, 0), self._floor.get(sh, 1 << 62))
             for sh in shards
+        ]
+
+    def lowest(self, shards: Sequence[int], after: Sequence[int]) -> list[int]:
+        """``after``, lowered for each shard to where the rows of every transaction remembered
+        as running may lie: a fetch from there cannot go :meth:`stale`, whichever of them
+        ends while it runs (the last resort after several stale fetches in a row; unlike a
+        read from each shard's start, it walks no further back than those transactions)."""
+        return [
+            min([a, *(below.get(sh, 0) for below in self._running.values())])
+            for sh, a in zip(shards, after, strict=True)
         ]
 
     def may_go_stale(self, shards: Sequence[int], after: Sequence[int]) -> bool:

@@ -596,16 +596,17 @@ class Relay:
         rows = self.store.fetch(self._work, shards, blocked, per_shard, after, skip)
         # A remembered transaction that ended while a fetch ran may have left rows below where
         # it read: fetch again, and check that fetch the same way (a transaction can end
-        # during any of them). After MAX_REFETCHES, every shard is read from its start.
+        # during any of them). After MAX_REFETCHES, each shard is read from below every
+        # remembered transaction's rows (FetchCursors.lowest), which cannot go stale.
         for attempt in range(1, MAX_REFETCHES + 1):
             if not self._cursors.may_go_stale(shards, after):
                 break
             running = self._others(self.store.running_xids(self._work))
             if not self._cursors.stale(running, shards, after):
                 break
-            after = self._cursors.plan(
-                running, shards, shards if attempt == MAX_REFETCHES else from_start
-            )
+            after = self._cursors.plan(running, shards, from_start)
+            if attempt == MAX_REFETCHES:
+                after = self._cursors.lowest(shards, after)
             rows = self.store.fetch(self._work, shards, blocked, per_shard, after, skip)
             metrics.REFETCHES.inc()
         self._read = shards

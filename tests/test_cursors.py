@@ -160,3 +160,38 @@ def test_a_transaction_ending_during_the_second_fetch_makes_a_third() -> None:
     relay.store = store  # type: ignore[assignment]
     relay._fetch(shard, 100)
     assert store.reads == [[20], [10], [0]]
+
+
+def test_after_three_stale_fetches_the_read_starts_below_the_remembered_not_at_zero() -> None:
+    """Four transactions seen in earlier rounds, the youngest ending during each fetch: the
+    fourth fetch reads from below those still remembered (the oldest's rows lie above 100),
+    not each shard from its start (which walks every row deleted since the last vacuum)."""
+    from outbox_relay.relay import MAX_REFETCHES, Relay
+    from outbox_relay.settings import load_settings
+    from outbox_relay.sinks.base import Outcome
+
+    class _Sink:
+        name = "test"
+
+        def publish(self, rows: object, timeout: float) -> list[Outcome]:
+            return []
+
+    relay = Relay(load_settings(database_url="postgresql://u@127.0.0.1/db",
+                                rescan_interval=3600), _Sink())  # type: ignore[arg-type]
+    relay._next_rescan = float("inf")
+    relay._work = object()  # type: ignore[assignment]
+    c = relay._cursors
+    shard = [0]
+    running: dict[int, int] = {}
+    for n, top in enumerate((100, 200, 300, 400, 500, 600)):
+        if n >= 2:
+            running[n + 3] = n + 3  # txn 5 is first seen at the third fetch, 6 at the fourth...
+        c.plan(dict(running), shard)
+        c.advance(shard, {0: top}, {})
+    lists = [{5: 5, 6: 6, 7: 7}, {5: 5, 6: 6}, {5: 5}]  # 8, then 7, then 6 end
+    store = _ScriptedStore(dict(running), lists)
+    relay.store = store  # type: ignore[assignment]
+    relay._fetch(shard, 100)
+    assert len(store.reads) == MAX_REFETCHES + 1
+    assert store.reads[:3] == [[500], [400], [300]]  # each from where the ended one's rows lie
+    assert store.reads[3] == [100], "below txn 5, still running; not from the shard's start"
