@@ -5,6 +5,9 @@ logic against real transactions."""
 from __future__ import annotations
 
 from outbox_relay.cursors import FetchCursors
+from outbox_relay.relay import Relay
+from outbox_relay.settings import load_settings
+from outbox_relay.sinks.base import Outcome
 
 SHARDS = [0, 1]
 
@@ -130,13 +133,8 @@ class _ScriptedStore:
         return self.lists.pop(0)
 
 
-def test_a_transaction_ending_during_the_second_fetch_makes_a_third() -> None:
-    """Two transactions seen in earlier rounds are still running when round 4 lists: the
-    younger ends during the fetch (so it is read again from lower), the older during that
-    second fetch: a third fetch must read below both, before anything is published."""
-    from outbox_relay.relay import Relay
-    from outbox_relay.settings import load_settings
-    from outbox_relay.sinks.base import Outcome
+def _relay_without_a_database() -> Relay:
+    """A relay whose fetches go to a :class:`_ScriptedStore` set by the test; no rescans."""
 
     class _Sink:
         name = "test"
@@ -148,6 +146,14 @@ def test_a_transaction_ending_during_the_second_fetch_makes_a_third() -> None:
                                 rescan_interval=3600), _Sink())  # type: ignore[arg-type]
     relay._next_rescan = float("inf")
     relay._work = object()  # type: ignore[assignment]
+    return relay
+
+
+def test_a_transaction_ending_during_the_second_fetch_makes_a_third() -> None:
+    """Two transactions seen in earlier rounds are still running when round 4 lists: the
+    younger ends during the fetch (so it is read again from lower), the older during that
+    second fetch: a third fetch must read below both, before anything is published."""
+    relay = _relay_without_a_database()
     c = relay._cursors
     shard = [0]
     c.plan({}, shard)
@@ -166,20 +172,9 @@ def test_after_three_stale_fetches_the_read_starts_below_the_remembered_not_at_z
     """Four transactions seen in earlier rounds, the youngest ending during each fetch: the
     fourth fetch reads from below those still remembered (the oldest's rows lie above 100),
     not each shard from its start (which walks every row deleted since the last vacuum)."""
-    from outbox_relay.relay import MAX_REFETCHES, Relay
-    from outbox_relay.settings import load_settings
-    from outbox_relay.sinks.base import Outcome
+    from outbox_relay.relay import MAX_REFETCHES
 
-    class _Sink:
-        name = "test"
-
-        def publish(self, rows: object, timeout: float) -> list[Outcome]:
-            return []
-
-    relay = Relay(load_settings(database_url="postgresql://u@127.0.0.1/db",
-                                rescan_interval=3600), _Sink())  # type: ignore[arg-type]
-    relay._next_rescan = float("inf")
-    relay._work = object()  # type: ignore[assignment]
+    relay = _relay_without_a_database()
     c = relay._cursors
     shard = [0]
     running: dict[int, int] = {}
