@@ -478,7 +478,8 @@ class Relay:
         per_shard = max(batch // len(shards), min(64, batch))
         ahead, self._ahead = self._ahead, None
         read_ahead = ahead is not None and ahead.owned == self._owned_version
-        if ahead is not None and read_ahead:
+        if read_ahead:
+            assert ahead is not None
             rows = ahead.rows
             metrics.READ_AHEAD.labels("used").inc()
         else:
@@ -538,10 +539,11 @@ class Relay:
             self._marker_pid = self.store.backend_pid(self._marker)
         if self._marking is None:
             self._marking = ThreadPoolExecutor(1, thread_name_prefix="outbox-mark")
+        ids = [r.id for r in rows]
         finish = sink.send(rows, timeout)
-        marking = self._marking.submit(self._finish_and_mark, finish, rows, epochs, self._marker)
+        marking = self._marking.submit(self._finish_and_mark, finish, ids, epochs, self._marker)
         try:
-            ahead = self._fetch(shards, per_shard, skip=[r.id for r in rows])
+            ahead = self._fetch(shards, per_shard, skip=ids)
         except BaseException:
             with contextlib.suppress(Exception):
                 marking.result()  # never leave the marker busy behind a reconnect
@@ -553,14 +555,13 @@ class Relay:
     def _finish_and_mark(
         self,
         finish: Callable[[], list[Outcome]],
-        rows: Sequence[OutboxRow],
+        ids: list[int],
         epochs: dict[int, int],
         conn: psycopg.Connection[Any],
     ) -> tuple[list[Outcome], int | None]:
         outcomes = finish()
         if not all(o.delivered for o in outcomes):
             return outcomes, None  # the failures are recorded with the rest, by _record
-        ids = [r.id for r in rows]
         return outcomes, self.store.mark_sent(conn, ids, epochs, keep=self.settings.keep_sent)
 
     def _fetch(
