@@ -249,6 +249,8 @@ class Maintenance:
         self._conn_id: int | None = None
         self._run: RetentionRun | None = None
         self._next_gauges = self._next_guard = self._next_retention = self._next_slice = 0.0
+        self._hold_retention = 0.0
+        self._settling = True
         self._oldest_pending: float | None = None
         self._labels: dict[str, set[str]] = {"pending": set(), "dead": set()}
         self._warned: dict[str, float] = {}
@@ -263,12 +265,25 @@ class Maintenance:
     def _load_expected(self) -> None:
         self._expected = expected_objects(self.store.schema, self.store.table)
 
-    def tick(self, conn: psycopg.Connection[Any], shards: Sequence[int]) -> None:
+    def tick(
+        self, conn: psycopg.Connection[Any], shards: Sequence[int], caught_up: bool = True
+    ) -> None:
+        """``caught_up``: the relay's last round found no backlog. After a (re)connection the
+        first counts, checks and retention slice wait for that, or for their interval: a
+        relay starting on a backlog publishes first (counting a large backlog is a scan of
+        the whole table, in parallel workers, ~0.2 s per 100k rows, and the drift check
+        loads SQLAlchemy)."""
+        now = time.monotonic()
         if id(conn) != self._conn_id:  # a new connection: the retention lock went with the old
             self._conn_id = id(conn)
             self._run = None
-            self._next_gauges = self._next_guard = 0.0
-        now = time.monotonic()
+            self._next_gauges = now + self.settings.gauge_interval
+            self._next_guard = now + self.settings.guard_interval
+            self._hold_retention = now + self.settings.gauge_interval
+            self._settling = True
+        if self._settling and caught_up:
+            self._settling = False
+            self._next_gauges = self._next_guard = self._hold_retention = 0.0
         try:
             if now >= self._next_gauges:
                 self._gauges(conn, shards, now)
@@ -276,7 +291,7 @@ class Maintenance:
                 self._next_guard = now + self.settings.guard_interval
                 self._schema(conn)
                 self._guard(conn)
-            if self.retention.enabled:
+            if self.retention.enabled and now >= self._hold_retention:
                 self._retention(conn, now)
         except _CONNECTION_ERRORS:
             raise

@@ -101,6 +101,7 @@ class Relay:
         self._next_rescan = 0.0
         self._owned_version = 0
         self._ahead: _Ahead | None = None  # the next batch, read while one was acknowledged
+        self._behind = True  # the last round read a full batch of some shard (or none yet)
         # in a backlog a batch is marked on its own connection and thread, as soon as it is
         # acknowledged, while the next batch is read (both opened at the first backlog)
         self._marker: psycopg.Connection[Any] | None = None
@@ -201,6 +202,7 @@ class Relay:
             raise
         self.state.listener = self._waiter.mode
         self._next_rebalance = 0.0
+        self._behind = True
         log.info(
             "connected to %s: %d shards, wake-up by %s, sink %s",
             redact(s.require_database_url()),
@@ -486,13 +488,14 @@ class Relay:
             rows = self._fetch(shards, per_shard)
         if not rows:
             self._cursors.advance(shards, {}, {})  # nothing pending from where it read
+            self._behind = False
             return 0
         fetched = rows
         rows = self._in_sequence(rows)
         held = self._verify_leases()  # confirm the lease right before publishing
         epochs = {sh: e for sh, e in self.epochs.items() if sh in held}
         rows = [r for r in rows if r.shard in epochs]
-        backlog = self._advance(fetched, rows) >= per_shard
+        backlog = self._behind = self._advance(fetched, rows) >= per_shard
         if not rows:
             return 0
         timeout = s.kafka_delivery_timeout + 5.0
@@ -749,7 +752,7 @@ class Relay:
         """Gauges, schema drift and Postgres-health checks, a retention slice; each rate-limited
         inside :class:`~outbox_relay.guard.Maintenance`, so this is cheap to call every round."""
         assert self._work is not None
-        self.maintenance.tick(self._work, sorted(self.epochs))
+        self.maintenance.tick(self._work, sorted(self.epochs), caught_up=not self._behind)
 
     def _log_batch(
         self,

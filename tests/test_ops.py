@@ -260,6 +260,40 @@ def test_metrics_reflect_published_counts_and_pending_gauges(
     assert relay.terminate() == 0
 
 
+def test_maintenance_after_a_connection_waits_for_the_backlog_or_its_interval(
+    outbox: Outbox, db_url: str, engine: Engine
+) -> None:
+    """A relay starting on a backlog publishes before it counts: the first gauges, checks and
+    retention slice wait until a round finds no backlog, or until their interval is over."""
+    from outbox_relay.guard import Maintenance
+
+    _enqueue(engine, "backlog.topic", 3)
+    settings = load_settings(
+        database_url=db_url,
+        db_schema=outbox.schema,
+        gauge_interval=0.5,
+        guard_interval=0.5,
+        retention=3600,
+    )
+    state = RelayState()
+    maintenance = Maintenance(settings, Store(outbox.schema, "outbox", settings.namespace), state)
+    shards = list(range(outbox.shards))
+    with psycopg.connect(conninfo(db_url), autocommit=True) as conn:
+        maintenance.tick(conn, shards, caught_up=False)
+        assert "pending" not in state.maintenance and state.warnings == []
+        assert "retention" not in state.maintenance
+        maintenance.tick(conn, shards, caught_up=True)  # caught up: at once
+        assert state.maintenance["pending"] == 3
+        assert "retention" in state.maintenance
+    _enqueue(engine, "backlog.topic", 2, prefix="b")
+    with psycopg.connect(conninfo(db_url), autocommit=True) as conn:  # a new connection
+        maintenance.tick(conn, shards, caught_up=False)
+        assert state.maintenance["pending"] == 3, "counted again before the backlog's rounds"
+        time.sleep(0.6)
+        maintenance.tick(conn, shards, caught_up=False)  # still behind, but the interval is over
+        assert state.maintenance["pending"] == 5
+
+
 # ---------------------------------------------------------------------- readiness
 def test_readiness_fails_on_schema_behind_or_drift_and_recovers(
     outbox: Outbox, relay_factory: Callable[..., RelayProcess]
