@@ -20,6 +20,7 @@ read: they may hold secrets or payloads.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between repeated warnings about a problem that persists.
 REPEAT_WARNING = 300.0
+#: While the relay is behind (its rounds read full batches), the pending counts refresh this
+#: many times less often: counting a large backlog is a scan of the table that holds up the
+#: rounds draining it (~2 s for a million pending rows)
+BEHIND_GAUGE_FACTOR = 12
 #: The guard's checks (labels of ``outbox_guard_problem``).
 CHECKS = ("xmin_horizon", "prepared_xact", "replication_slot", "dead_tuples", "pending_slo")
 
@@ -235,9 +240,10 @@ class Maintenance:
     """Periodic work of the relay, called from its loop between drain rounds (``tick``).
 
     Everything is rate-limited here, so ``tick`` is cheap to call often: gauges every
-    ``OUTBOX_GAUGE_INTERVAL`` (more rarely when the count is slow), schema/drift and guard checks
-    every ``OUTBOX_GUARD_INTERVAL``, a retention slice at most every rebalance interval while a
-    run (one per ``OUTBOX_RETENTION_INTERVAL``, one relay at a time) is in progress.
+    ``OUTBOX_GAUGE_INTERVAL`` (more rarely when the count is slow or the relay is behind),
+    schema/drift and guard checks every ``OUTBOX_GUARD_INTERVAL``, a retention slice at most
+    every rebalance interval while a run (one per ``OUTBOX_RETENTION_INTERVAL``, one relay at
+    a time) is in progress.
     Connection errors propagate (the relay reconnects); other query errors are logged.
     """
 
@@ -248,7 +254,9 @@ class Maintenance:
         self.retention = Retention(store, settings.retention, settings.retention_batch)
         self._conn_id: int | None = None
         self._run: RetentionRun | None = None
-        self._next_gauges = self._next_guard = self._next_retention = self._next_slice = 0.0
+        self._next_guard = self._next_retention = self._next_slice = 0.0
+        self._last_gauges = 0.0
+        self._gauge_took = 0.0
         self._hold_retention = 0.0
         self._settling = True
         self._oldest_pending: float | None = None
@@ -272,20 +280,23 @@ class Maintenance:
         first counts, checks and retention slice wait for that, or for their interval: a
         relay starting on a backlog publishes first (counting a large backlog is a scan of
         the whole table, in parallel workers, ~0.2 s per 100k rows, and the drift check
-        loads SQLAlchemy)."""
+        loads SQLAlchemy). While it is behind, the counts refresh
+        :data:`BEHIND_GAUGE_FACTOR` times less often."""
         now = time.monotonic()
         if id(conn) != self._conn_id:  # a new connection: the retention lock went with the old
             self._conn_id = id(conn)
             self._run = None
-            self._next_gauges = now + self.settings.gauge_interval
+            self._last_gauges, self._gauge_took = now, 0.0
             self._next_guard = now + self.settings.guard_interval
             self._hold_retention = now + self.settings.gauge_interval
             self._settling = True
         if self._settling and caught_up:
             self._settling = False
-            self._next_gauges = self._next_guard = self._hold_retention = 0.0
+            self._last_gauges = -math.inf
+            self._next_guard = self._hold_retention = 0.0
+        interval = self.settings.gauge_interval * (1 if caught_up else BEHIND_GAUGE_FACTOR)
         try:
-            if now >= self._next_gauges:
+            if now >= self._last_gauges + max(interval, 20 * self._gauge_took):
                 self._gauges(conn, shards, now)
             if now >= self._next_guard:
                 self._next_guard = now + self.settings.guard_interval
@@ -307,7 +318,7 @@ class Maintenance:
         dead = self.store.dead_gauge(conn, shards) if shards else []
         took = time.monotonic() - started
         # never spend more than ~5% of the time counting, whatever the backlog
-        self._next_gauges = now + max(self.settings.gauge_interval, 20 * took)
+        self._last_gauges, self._gauge_took = now, took
         self._set(metrics.PENDING, "pending", {r["topic"]: r["pending"] for r in pending})
         self._set(metrics.DEAD_LETTERS, "dead", {r["topic"]: r["dead"] for r in dead})
         oldest = max((float(r["oldest_s"]) for r in pending), default=0.0)

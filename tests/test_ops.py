@@ -285,13 +285,27 @@ def test_maintenance_after_a_connection_waits_for_the_backlog_or_its_interval(
         maintenance.tick(conn, shards, caught_up=True)  # caught up: at once
         assert state.maintenance["pending"] == 3
         assert "retention" in state.maintenance
+        _enqueue(engine, "backlog.topic", 1, prefix="a")
+        time.sleep(0.6)
+        maintenance.tick(conn, shards, caught_up=False)  # behind: 12 intervals between counts
+        assert state.maintenance["pending"] == 3
+        maintenance.tick(conn, shards, caught_up=True)  # caught up: one interval
+        assert state.maintenance["pending"] == 4
     _enqueue(engine, "backlog.topic", 2, prefix="b")
     with psycopg.connect(conninfo(db_url), autocommit=True) as conn:  # a new connection
         maintenance.tick(conn, shards, caught_up=False)
-        assert state.maintenance["pending"] == 3, "counted again before the backlog's rounds"
+        assert state.maintenance["pending"] == 4, "counted again before the backlog's rounds"
         time.sleep(0.6)
-        maintenance.tick(conn, shards, caught_up=False)  # still behind, but the interval is over
-        assert state.maintenance["pending"] == 5
+        maintenance.tick(conn, shards, caught_up=False)
+        assert state.maintenance["pending"] == 4, "behind: 12 intervals between counts"
+        wait_for(
+            lambda: (
+                maintenance.tick(conn, shards, caught_up=False)
+                or state.maintenance["pending"] == 6
+            ),
+            12,
+            "a count while behind, 12 intervals (6 s) after connecting",
+        )
 
 
 # ---------------------------------------------------------------------- readiness
