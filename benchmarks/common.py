@@ -498,6 +498,24 @@ def relay_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, 
 
 
 # --------------------------------------------------------------------------- the relay
+_COMPILED: set[str] = set()
+
+
+def compile_bytecode(tree: str | Path) -> None:
+    """Write the bytecode of ``tree``'s ``outbox_relay`` package once per run, as an installed
+    relay has it (pip and the Docker image compile at install). Without it a relay started
+    from a source tree where ``PYTHONDONTWRITEBYTECODE`` is set (this machine's environment)
+    compiles its modules again at every start, ~0.15 s of its start-up."""
+    pkg = Path(tree) / "outbox_relay"
+    if str(pkg) in _COMPILED or not pkg.is_dir():
+        return
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(pkg)],
+        check=True, capture_output=True, timeout=120,
+    )
+    _COMPILED.add(str(pkg))
+
+
 class RelayProcess:
     """``outbox-relay run`` as a real subprocess (or, with ``BENCH_RELAY_SRC``, the relay of
     another source tree, e.g. a scratch copy with a proposed change)."""
@@ -524,6 +542,7 @@ class RelayProcess:
         }
         if src is None:  # "" = the installed tree, whatever BENCH_RELAY_SRC says
             src = os.environ.get("BENCH_RELAY_SRC")
+        compile_bytecode(src or REPO)
         if src:
             full["PYTHONPATH"] = src + os.pathsep + full.get("PYTHONPATH", "")
         if wrap or src:
