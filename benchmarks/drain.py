@@ -34,16 +34,59 @@ def fill(box: BenchOutbox, topic: str, n: int, pool: Sequence[bytes]) -> float:
     """TRUNCATE and write ``n`` pending rows (the raw producer's messages); returns seconds."""
     t0 = time.monotonic()
     box.sql(f'TRUNCATE {box.t}, "{box.schema}".orders, {box.stats} RESTART IDENTITY')
-    with box.svc.connect() as conn, conn.cursor() as cur:
-        with cur.copy(
-            f"COPY {box.t} (idempotency_key, topic, key, payload, content_type) FROM STDIN"
-        ) as copy:
-            for i in range(n):
-                copy.write_row((drain_ikey(i), topic, msg_key(i), pool[i % len(pool)],
-                                "application/json"))
+    with box.svc.connect() as conn:
+        write_rows(conn, box, topic, n, pool)
         conn.execute(f"VACUUM (ANALYZE) {box.t}")
         conn.execute("CHECKPOINT")
     return time.monotonic() - t0
+
+
+def write_rows(conn: psycopg.Connection[Any], box: BenchOutbox, topic: str, n: int,
+               pool: Sequence[bytes]) -> None:
+    """``n`` pending rows (the raw producer's messages) by one COPY: one transaction."""
+    with conn.cursor() as cur, cur.copy(
+        f"COPY {box.t} (idempotency_key, topic, key, payload, content_type) FROM STDIN"
+    ) as copy:
+        for i in range(n):
+            copy.write_row((drain_ikey(i), topic, msg_key(i), pool[i % len(pool)],
+                            "application/json"))
+
+
+def running_drain(
+    box: BenchOutbox, topic: str, partitions: int, n: int, pool: Sequence[bytes], logdir: Path,
+    timeout: float,
+) -> dict[str, Any]:
+    """A relay already running, caught up and idle, when ``n`` rows commit at once (a batch
+    job; rows written while Kafka was away and a relay restarted meanwhile): clock from that
+    COMMIT (returned to this client) to the last delivery the relay recorded. The rows are not
+    vacuumed or analyzed first; the relay is woken by the NOTIFY of the commit."""
+    box.sql(f'TRUNCATE {box.t}, "{box.schema}".orders, {box.stats} RESTART IDENTITY')
+    relay = RelayProcess(box, logdir / f"running-{topic}.log")
+    try:
+        relay.wait_ready()
+        time.sleep(1.0)  # its first empty rounds done: idle, woken by NOTIFY
+        cpu = CpuSampler(relay.pid).start()
+        with box.svc.connect() as conn:
+            write_rows(conn, box, topic, n, pool)  # autocommit: committed when COPY returns
+        committed = time.time()
+        box.wait_drained(relay, timeout, every=0.05, sent=n)
+        cores = cpu.stop()
+        _first, last, sent = box.sent_span()
+        pending = box.pending()
+    finally:
+        code = relay.stop()
+    if pending or sent != n:
+        raise BenchError(f"{pending} rows left pending, {sent} of {n} recorded; log: "
+                         f"{relay.log_path}")
+    if code != 0:
+        raise BenchError(f"relay exited with {code}; log: {relay.log_path}")
+    delivered = topic_messages(box.svc, topic, partitions)
+    if delivered < n:
+        raise BenchError(f"only {delivered} of {n} messages reached {topic}")
+    seconds = last.timestamp() - committed
+    log(f"  running relay drained {n} rows in {seconds:.2f}s after their commit, cpu {cores}")
+    return {"msgs_per_s": n / seconds, "seconds": seconds, "cores": cores,
+            "duplicates": delivered - n}
 
 
 def topic_messages(svc: Services, topic: str, partitions: int) -> int:

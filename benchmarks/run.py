@@ -67,6 +67,7 @@ SCALES: dict[str, dict[str, Any]] = {
              "xmin_held": True, "xmin_held_rows": 300_000},
 }
 COMMON: dict[str, Any] = {
+    "running_drain_rows": 100_000,
     "payload_bytes": 1024,
     "keys": 1000,
     "payload_pool": 1024,
@@ -126,7 +127,7 @@ class Recorder:
 # --------------------------------------------------------------------------- phases
 def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: Path,
                      profile: bool) -> None:
-    from .drain import fill, relay_drain, topic_messages
+    from .drain import fill, relay_drain, running_drain, topic_messages
     from .kafka_bench import raw_throughput
     from .scale import drain_with
 
@@ -205,6 +206,24 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                 rec.note("drain_xmin_held_detail", d)
                 log(f"rep {rep + 1}: relay drain with the xmin horizon held "
                     f"{d['msgs_per_s']:,.0f} msg/s")
+            # the issue's own measure: 100k rows, here landing on a relay already running
+            run_n = cfg["running_drain_rows"]
+            for rep in range(cfg["reps"]):
+                def raw_small(rep: int = rep) -> float:
+                    r = raw_throughput(svc, new_topic("rawrun"), run_n, pool)
+                    log(f"rep {rep + 1}: raw producer {r['msgs_per_s']:,.0f} msg/s "
+                        f"({run_n} in {r['seconds']:.1f}s)")
+                    return float(r["msgs_per_s"])
+
+                raw_before = raw_small()
+                r = running_drain(box, new_topic("drainrun"), parts, run_n, pool, logdir, 3600)
+                raw = (raw_before + raw_small()) / 2
+                rec.add("running_drain_msgs_per_s", r["msgs_per_s"])
+                rec.add("running_drain_ratio", r["msgs_per_s"] / raw)
+                rec.add("running_drain_raw_msgs_per_s", raw)
+                rec.note("running_drain_detail", r)
+                log(f"rep {rep + 1}: running relay, {run_n} rows committed at once: "
+                    f"{r['msgs_per_s']:,.0f} msg/s, ratio {r['msgs_per_s'] / raw:.3f}")
             if profile:
                 topic = new_topic("profile")
                 fill(box, topic, n, pool)
@@ -482,6 +501,8 @@ ORDER = [
     ("two_relays_drain_msgs_per_s", "msg/s", "two relays (Helm default) on the same backlog"),
     ("two_relays_drain_ratio", "", "two relays' drain / raw produce"),
     ("relay_drain_xmin_held_msgs_per_s", "msg/s", "same, a long transaction open meanwhile"),
+    ("running_drain_msgs_per_s", "msg/s", "100k rows committed at once, relay running"),
+    ("running_drain_ratio", "", "same / raw produce of 100k"),
     ("eos_drain_msgs_per_s", "msg/s", "same, exactly-once (a Kafka transaction per shard)"),
     ("eos_drain_ratio", "", "exactly-once drain / at-least-once drain"),
     ("eos_relay_cpu_us_per_msg", "us", "relay CPU per drained message, exactly-once"),
