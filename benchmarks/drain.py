@@ -75,18 +75,27 @@ def running_drain(
         pending = box.pending()
     finally:
         code = relay.stop()
-    if pending or sent != n:
-        raise BenchError(f"{pending} rows left pending, {sent} of {n} recorded; log: "
-                         f"{relay.log_path}")
-    if code != 0:
-        raise BenchError(f"relay exited with {code}; log: {relay.log_path}")
-    delivered = topic_messages(box.svc, topic, partitions)
-    if delivered < n:
-        raise BenchError(f"only {delivered} of {n} messages reached {topic}")
+    delivered = _checked(box, relay, topic, partitions, n, pending, sent, code)
     seconds = last.timestamp() - committed
     log(f"  running relay drained {n} rows in {seconds:.2f}s after their commit, cpu {cores}")
     return {"msgs_per_s": n / seconds, "seconds": seconds, "cores": cores,
             "duplicates": delivered - n}
+
+
+def _checked(box: BenchOutbox, relay: RelayProcess, topic: str, partitions: int, n: int,
+             pending: int, sent: int, code: int) -> int:
+    """Raise unless the drain ended clean (nothing pending, ``n`` deliveries recorded, exit 0,
+    ``n`` messages in the topic at least); returns the topic's message count."""
+    if pending:
+        raise BenchError(f"{pending} rows left pending (dead letters?); log: {relay.log_path}")
+    if code != 0:
+        raise BenchError(f"relay exited with {code}; log: {relay.log_path}")
+    if sent != n:
+        raise BenchError(f"the relay recorded {sent} deliveries of {n}; log: {relay.log_path}")
+    delivered = topic_messages(box.svc, topic, partitions)
+    if delivered < n:
+        raise BenchError(f"only {delivered} of {n} messages reached {topic}")
+    return delivered
 
 
 def topic_messages(svc: Services, topic: str, partitions: int) -> int:
@@ -146,19 +155,11 @@ def _relay_drain(
         stats = relay_stats({}, relay.metrics())
     finally:
         code = relay.stop()
-    if pending:
-        raise BenchError(f"{pending} rows left pending (dead letters?); log: {relay.log_path}")
-    if code != 0:
-        raise BenchError(f"relay exited with {code}; log: {relay.log_path}")
-    if sent != n:
-        raise BenchError(f"the relay recorded {sent} deliveries of {n}; log: {relay.log_path}")
+    delivered = _checked(box, relay, topic, partitions, n, pending, sent, code)
     total = last.timestamp() - relay.started_wall
     steady = last.timestamp() - first.timestamp()
     clock = "last delivery recorded"
-    delivered = topic_messages(box.svc, topic, partitions)
     transactional = (env or {}).get("OUTBOX_KAFKA_EXACTLY_ONCE") == "true"
-    if delivered < n:
-        raise BenchError(f"only {delivered} of {n} messages reached {topic}")
     log(f"  relay drained {n} rows in {total:.1f}s (start-up {startup:.2f}s), "
         f"cpu {cores}, {stats}")
     return {

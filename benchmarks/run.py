@@ -138,24 +138,25 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
     progress = ProgressTopic(svc)
     try:
         with topics(svc, parts) as new_topic:
-            for rep in range(cfg["reps"]):
-                # the raw producer right before and right after each drain: the machine's pace
-                # drifts (2x between runs here), and a ratio against the mean of the two
-                # brackets the drain instead of betting on the minute before it
-                def raw_run(rep: int = rep) -> float:
-                    r = raw_throughput(svc, new_topic("raw"), n, pool)
+            # the raw producer right before and right after each drain: the machine's pace
+            # drifts (2x between runs here), and a ratio against the mean of the two brackets
+            # the drain instead of betting on the minute before it
+            def raw_run(rep: int, rows: int = n, record: bool = True) -> float:
+                r = raw_throughput(svc, new_topic("raw"), rows, pool)
+                if record:  # the backlog's raw figure; the running drain's is its own
                     rec.add("raw_produce_msgs_per_s", r["msgs_per_s"])
-                    log(f"rep {rep + 1}: raw producer {r['msgs_per_s']:,.0f} msg/s "
-                        f"({n} in {r['seconds']:.1f}s)")
-                    return float(r["msgs_per_s"])
+                log(f"rep {rep + 1}: raw producer {r['msgs_per_s']:,.0f} msg/s "
+                    f"({rows} in {r['seconds']:.1f}s)")
+                return float(r["msgs_per_s"])
 
-                raw_before = raw_run()
+            for rep in range(cfg["reps"]):
+                raw_before = raw_run(rep)
                 topic = new_topic("drain")
                 fill_s = fill(box, topic, n, pool)
                 log(f"rep {rep + 1}: backlog of {n} rows written in {fill_s:.1f}s (not timed)")
                 d = relay_drain(box, topic, parts, n, logdir,
                                 poll_every=0.2 if n <= 200_000 else 0.5, timeout=3600)
-                raw_between = raw_run()
+                raw_between = raw_run(rep)
                 raw = (raw_before + raw_between) / 2
                 rec.add("relay_drain_msgs_per_s", d["msgs_per_s"])
                 rec.add("drain_ratio", d["msgs_per_s"] / raw)
@@ -175,7 +176,7 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                 two = drain_with(box, 2, n, logdir, f"drain2-{rep}")
                 if topic_messages(svc, topic, parts) < n:
                     raise BenchError(f"fewer than {n} messages reached {topic}")
-                raw_two = (raw_between + raw_run()) / 2
+                raw_two = (raw_between + raw_run(rep)) / 2
                 rec.add("two_relays_drain_msgs_per_s", two)
                 rec.add("two_relays_drain_ratio", two / raw_two)
                 log(f"rep {rep + 1}: two relays drain {two:,.0f} msg/s, ratio "
@@ -209,15 +210,9 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
             # the issue's own measure: 100k rows, here landing on a relay already running
             run_n = cfg["running_drain_rows"]
             for rep in range(cfg["reps"]):
-                def raw_small(rep: int = rep) -> float:
-                    r = raw_throughput(svc, new_topic("rawrun"), run_n, pool)
-                    log(f"rep {rep + 1}: raw producer {r['msgs_per_s']:,.0f} msg/s "
-                        f"({run_n} in {r['seconds']:.1f}s)")
-                    return float(r["msgs_per_s"])
-
-                raw_before = raw_small()
+                raw_before = raw_run(rep, run_n, record=False)
                 r = running_drain(box, new_topic("drainrun"), parts, run_n, pool, logdir, 3600)
-                raw = (raw_before + raw_small()) / 2
+                raw = (raw_before + raw_run(rep, run_n, record=False)) / 2
                 rec.add("running_drain_msgs_per_s", r["msgs_per_s"])
                 rec.add("running_drain_ratio", r["msgs_per_s"] / raw)
                 rec.add("running_drain_raw_msgs_per_s", raw)
