@@ -181,6 +181,7 @@ class Relay:
             ) from None
         try:
             self.state.database = True
+            self.store.plan_each_time(self._work)
             meta = self.store.check_schema(self._work)
             self.state.schema = True
             self.total_shards = int(meta["shards"])
@@ -486,6 +487,7 @@ class Relay:
             metrics.READ_AHEAD.labels("used").inc()
         else:
             rows = self._fetch(shards, per_shard)
+        fetched_at = time.monotonic()
         if not rows:
             self._cursors.advance(shards, {}, {})  # nothing pending from where it read
             self._behind = False
@@ -510,10 +512,11 @@ class Relay:
             self._ahead = None
             self.state.sink = False
             raise
+        published_at = time.monotonic()
         self._record(rows, outcomes, epochs, marked)
         self._drop_lost_shards()
         if log.isEnabledFor(logging.DEBUG):
-            self._log_batch(rows, outcomes, started, read_ahead)
+            self._log_batch(rows, outcomes, read_ahead, (started, fetched_at, published_at))
         metrics.BATCH_SIZE.observe(len(rows))
         metrics.BATCH_SECONDS.observe(time.monotonic() - started)
         return len(rows)
@@ -539,6 +542,7 @@ class Relay:
                 autocommit=True,
                 application_name=f"outbox-relay mark {self.settings.relay_name}",
             )
+            self.store.plan_each_time(self._marker)
             self._marker_pid = self.store.backend_pid(self._marker)
         if self._marking is None:
             self._marking = ThreadPoolExecutor(1, thread_name_prefix="outbox-mark")
@@ -758,13 +762,17 @@ class Relay:
         self,
         rows: Sequence[OutboxRow],
         outcomes: Sequence[Outcome],
-        started: float,
         read_ahead: bool,
+        times: tuple[float, float, float],
     ) -> None:
-        """One debug line per batch: shards, id range, counts (never payloads)."""
+        """One debug line per batch: shards, id range, counts (never payloads), and where its
+        time went: ``times`` = when the round started, its rows were read, the sink was done (on a
+        backlog the sink's part includes the mark and the next read, which run beside it)."""
         delivered = sum(1 for o in outcomes if o.delivered)
         failed = sum(1 for o in outcomes if o.failed)
         first, last = min(r.id for r in rows), max(r.id for r in rows)
+        started, fetched, published = times
+        now = time.monotonic()
         log.debug(
             "batch of %d rows (ids %d..%d%s): %d delivered, %d failed, %d not attempted",
             len(rows),
@@ -782,7 +790,10 @@ class Relay:
                 "rows": len(rows),
                 "delivered": delivered,
                 "failed": failed,
-                "ms": round((time.monotonic() - started) * 1000, 1),
+                "ms": round((now - started) * 1000, 1),
+                "fetch_ms": round((fetched - started) * 1000, 1),
+                "publish_ms": round((published - fetched) * 1000, 1),
+                "mark_ms": round((now - published) * 1000, 1),
                 "running_xids": self._last_plan[0],
                 "read_after": self._last_plan[1],
             },

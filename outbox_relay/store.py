@@ -108,13 +108,18 @@ class Store:
         # Rows in retry state (a failed or deferred attempt, a re-queued dead letter, or in
         # strict mode a dead letter) of the owned shards: their shards are read from the start
         # (no cursor), and `blocked` keys must wait (backoff not over, or strict and dead).
+        # The inner query states exactly held_idx's predicate and nothing more (OFFSET 0 keeps
+        # the outer filter out of it): with `dead_at IS NULL` in it, pending_idx would serve
+        # too, and on a table without statistics (a burst not yet analyzed) the planner took
+        # it and filtered every pending row (~0.2 s per 100,000 rows, each round).
         q(
             "held",
             "SELECT DISTINCT shard, key, (dead_at IS NULL AND next_attempt_at > now())"
             "   OR (%(strict)s AND dead_at IS NOT NULL) AS blocked"
-            " FROM {t} WHERE shard = ANY(%(shards)s) AND sent_at IS NULL"
-            " AND (next_attempt_at IS NOT NULL OR dead_at IS NOT NULL)"
-            " AND (dead_at IS NULL OR %(strict)s)",
+            " FROM (SELECT shard, key, dead_at, next_attempt_at FROM {t}"
+            "   WHERE shard = ANY(%(shards)s) AND sent_at IS NULL"
+            "   AND (next_attempt_at IS NOT NULL OR dead_at IS NOT NULL) OFFSET 0) AS h"
+            " WHERE dead_at IS NULL OR %(strict)s",
         )
         # One round trip, up to `limit` pending rows per owned shard, each in id order, each
         # shard from just past its cursor (`after`; 0 reads the shard from its first row).
@@ -525,6 +530,15 @@ class Store:
             " set_config('tcp_keepalives_count', '3', false),"
             " set_config('tcp_user_timeout', '10000', false)"
         )
+
+    def plan_each_time(self, conn: psycopg.Connection[Any]) -> None:
+        """Have this session plan its prepared statements at each execution, for the table as
+        it is then. An outbox swings between empty and a burst of rows. Left to itself, Postgres
+        settles on one generic plan per statement after five runs; made while the table was
+        empty (right after a vacuum truncated it) that plan reads the whole table, and it stays
+        until the next ANALYZE. Measured on a 100,000-row burst landing on an idle relay: a
+        fetch took ~0.8 s instead of ~25 ms, a mark ~2 s instead of ~20 ms."""
+        conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', false)")
 
     def join_presence(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", (self.namespace, PRESENCE_KEY))
