@@ -492,12 +492,18 @@ class Relay:
             self._cursors.advance(shards, {}, {})  # nothing pending from where it read
             self._behind = False
             return 0
+        # Each shard is read at least 64 rows deep, which with many shards and a small batch
+        # size reads more than a round may hold: keep the first `batch` in id order (each
+        # shard's rows kept are a prefix of what it read; its cursor stops at the last kept).
+        full = len(rows) > batch
+        if full:
+            rows = rows[:batch]
         fetched = rows
         rows = self._in_sequence(rows)
         held = self._verify_leases()  # confirm the lease right before publishing
         epochs = {sh: e for sh, e in self.epochs.items() if sh in held}
         rows = [r for r in rows if r.shard in epochs]
-        backlog = self._behind = self._advance(fetched, rows) >= per_shard
+        backlog = self._behind = self._advance(fetched, rows) >= per_shard or full
         if not rows:
             return 0
         timeout = s.kafka_delivery_timeout + 5.0

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -238,6 +239,28 @@ def test_sigkill_in_a_backlog_duplicates_at_most_one_round(
             seen.add(n)
             first.append(m)
     assert _per_key_order_ok(first)
+
+
+def test_a_round_holds_at_most_the_batch_size_with_many_shards(
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    """Each shard is read at least 64 rows deep; with 8 shards and a batch size of 40 a read
+    brings up to 320 rows, of which a round publishes the first 40 in id order (the batch size
+    is also the most a crash can publish twice)."""
+    total, batch = 1_000, 40
+    _enqueue_numbered(engine, topic, total, keys=50)
+    relay = relay_factory(OUTBOX_BATCH_SIZE=str(batch), OUTBOX_LOG_LEVEL="DEBUG")
+    wait_for(lambda: outbox.pending() == 0, 60, "the relay to drain")
+    got = consume(kafka_bootstrap, topic, expected=total, timeout=60)
+    assert sorted(json.loads(m.value)["n"] for m in got) == list(range(total))
+    assert _per_key_order_ok(got)
+    rounds = [int(n) for n in re.findall(r"batch of (\d+) rows", relay.output())]
+    assert sum(rounds) >= total, "the relay's debug lines are missing"
+    assert max(rounds) == batch, rounds
 
 
 def test_two_relays_split_shards_and_fail_over(
