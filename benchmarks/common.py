@@ -325,6 +325,21 @@ class CpuSampler:
 
     def _snapshot(self) -> dict[str, float]:
         pm, kafka = _postmaster(), _kafka_pid()
+        # A backend the postmaster reaps while /proc is walked would be counted twice (alive,
+        # then in the reaped total) or not at all: the backend that wrote a backlog exits
+        # right before a drain starts, with seconds of CPU. Walk again until no child was
+        # reaped meanwhile (a zombie not reaped yet still shows its CPU in /proc).
+        for _ in range(10):
+            reaped = _reaped_children(pm) if pm else 0.0
+            groups = self._walk(pm, kafka)
+            if not pm or _reaped_children(pm) == reaped:
+                break
+        groups["postgres"] += reaped
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        groups["children"] = ru.ru_utime + ru.ru_stime
+        return groups
+
+    def _walk(self, pm: int | None, kafka: int | None) -> dict[str, float]:
         groups = {"postgres": 0.0, "kafka": 0.0, "relay": 0.0, "harness": 0.0}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -336,10 +351,6 @@ class CpuSampler:
             cpu = _proc_cpu(pid)
             if cpu is not None:
                 groups[group] += cpu
-        if pm:
-            groups["postgres"] += _reaped_children(pm)
-        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        groups["children"] = ru.ru_utime + ru.ru_stime
         return groups
 
     def start(self) -> CpuSampler:
