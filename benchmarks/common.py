@@ -194,8 +194,8 @@ def payload_pool(size: int, nbytes: int, seed: int = 7) -> list[bytes]:
     return pool
 
 
-def msg_key(i: int) -> str:
-    return f"key-{i % KEYS}"
+def msg_key(i: int, keys: int = KEYS) -> str:
+    return f"key-{i % keys}"
 
 
 # --------------------------------------------------------------------------- statistics

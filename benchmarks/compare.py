@@ -25,7 +25,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS, BenchError, BenchOutbox, log, median, payload_pool, services, topics
+from .common import (
+    KEYS,
+    RESULTS,
+    BenchError,
+    BenchOutbox,
+    log,
+    median,
+    payload_pool,
+    services,
+    topics,
+)
 from .drain import fill, relay_drain
 
 
@@ -54,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--xmin-held", action="store_true")
+    p.add_argument("--keys", type=int, default=KEYS,
+                   help="distinct message keys in the backlog (1: one hot key, one shard)")
     args = p.parse_args(argv)
     try:
         svc = services()
@@ -76,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     order = args.variant if rep % 2 == 0 else args.variant[::-1]
                     for name, tree, env in order:
                         topic = new_topic("compare")
-                        fill(box, topic, args.rows, pool)
+                        fill(box, topic, args.rows, pool, args.keys)
                         d = relay_drain(box, topic, args.partitions, args.rows, logdir,
                                         0.1 if args.rows <= 200_000 else 0.5, 3600,
                                         hold_xmin=args.xmin_held, env=env, src=tree)
@@ -106,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"timestamp": stamp.isoformat(timespec="seconds"),
                                "rows": args.rows, "reps": args.reps,
-                               "xmin_held": args.xmin_held, "variants": summary},
+                               "keys": args.keys, "xmin_held": args.xmin_held,
+                               "variants": summary},
                               indent=2, default=str) + "\n")
     log(f"wrote {out}")
     return 0

@@ -18,6 +18,7 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
 from .common import (
+    KEYS,
     BenchError,
     BenchOutbox,
     CpuSampler,
@@ -30,25 +31,26 @@ from .common import (
 from .kafka_bench import drain_ikey
 
 
-def fill(box: BenchOutbox, topic: str, n: int, pool: Sequence[bytes]) -> float:
-    """TRUNCATE and write ``n`` pending rows (the raw producer's messages); returns seconds."""
+def fill(box: BenchOutbox, topic: str, n: int, pool: Sequence[bytes], keys: int = KEYS) -> float:
+    """TRUNCATE and write ``n`` pending rows (the raw producer's messages, over ``keys``
+    keys); returns seconds."""
     t0 = time.monotonic()
     box.sql(f'TRUNCATE {box.t}, "{box.schema}".orders, {box.stats} RESTART IDENTITY')
     with box.svc.connect() as conn:
-        write_rows(conn, box, topic, n, pool)
+        write_rows(conn, box, topic, n, pool, keys)
         conn.execute(f"VACUUM (ANALYZE) {box.t}")
         conn.execute("CHECKPOINT")
     return time.monotonic() - t0
 
 
 def write_rows(conn: psycopg.Connection[Any], box: BenchOutbox, topic: str, n: int,
-               pool: Sequence[bytes]) -> None:
+               pool: Sequence[bytes], keys: int = KEYS) -> None:
     """``n`` pending rows (the raw producer's messages) by one COPY: one transaction."""
     with conn.cursor() as cur, cur.copy(
         f"COPY {box.t} (idempotency_key, topic, key, payload, content_type) FROM STDIN"
     ) as copy:
         for i in range(n):
-            copy.write_row((drain_ikey(i), topic, msg_key(i), pool[i % len(pool)],
+            copy.write_row((drain_ikey(i), topic, msg_key(i, keys), pool[i % len(pool)],
                             "application/json"))
 
 

@@ -61,6 +61,7 @@ class _Ahead(NamedTuple):
 
     owned: int  #: the relay's ``_owned_version`` when it was read
     rows: list[OutboxRow]
+    depths: list[int]  #: the rows it asked of each shard (``Relay._depths``)
 
 
 class _StopWhen(stop_base):
@@ -102,6 +103,7 @@ class Relay:
         self._owned_version = 0
         self._ahead: _Ahead | None = None  # the next batch, read while one was acknowledged
         self._behind = True  # the last round read a full batch of some shard (or none yet)
+        self._deep: set[int] = set()  # shards whose last read brought all the rows it asked
         # in a backlog a batch is marked on its own connection and thread, as soon as it is
         # acknowledged, while the next batch is read (both opened at the first backlog)
         self._marker: psycopg.Connection[Any] | None = None
@@ -478,20 +480,22 @@ class Relay:
         if not shards:
             return 0
         batch = s.round_rows
-        per_shard = max(batch // len(shards), min(64, batch))
         ahead, self._ahead = self._ahead, None
         read_ahead = ahead is not None and ahead.owned == self._owned_version
         if read_ahead:
             assert ahead is not None
-            rows = ahead.rows
+            rows, depths = ahead.rows, ahead.depths
             metrics.READ_AHEAD.labels("used").inc()
         else:
-            rows = self._fetch(shards, per_shard)
+            depths = self._depths(shards, batch)
+            rows = self._fetch(shards, depths)
         fetched_at = time.monotonic()
         if not rows:
             self._cursors.advance(shards, {}, {})  # nothing pending from where it read
             self._behind = False
+            self._deep = set()
             return 0
+        self._deep = _filled(rows, shards, depths)
         # Each shard is read at least 64 rows deep, which with many shards and a small batch
         # size reads more than a round may hold: keep the first `batch` in id order (each
         # shard's rows kept are a prefix of what it read; its cursor stops at the last kept).
@@ -503,14 +507,15 @@ class Relay:
         held = self._verify_leases()  # confirm the lease right before publishing
         epochs = {sh: e for sh, e in self.epochs.items() if sh in held}
         rows = [r for r in rows if r.shard in epochs]
-        backlog = self._behind = self._advance(fetched, rows) >= per_shard or full
+        self._advance(fetched, rows)
+        backlog = self._behind = bool(self._deep) or full
         if not rows:
             return 0
         timeout = s.kafka_delivery_timeout + 5.0
         try:
             if backlog and isinstance(self.sink, Pipelined):
                 outcomes, marked = self._publish_reading_ahead(
-                    self.sink, rows, epochs, shards, per_shard, timeout
+                    self.sink, rows, epochs, shards, self._depths(shards, batch), timeout
                 )
             else:
                 outcomes, marked = self.sink.publish(rows, timeout), None
@@ -533,7 +538,7 @@ class Relay:
         rows: list[OutboxRow],
         epochs: dict[int, int],
         shards: list[int],
-        per_shard: int,
+        depths: list[int],
         timeout: float,
     ) -> tuple[list[Outcome], int | None]:
         """A backlog: publish ``rows`` and, while they are acknowledged, read the next batch
@@ -556,13 +561,13 @@ class Relay:
         finish = sink.send(rows, timeout)
         marking = self._marking.submit(self._finish_and_mark, finish, ids, epochs, self._marker)
         try:
-            ahead = self._fetch(shards, per_shard, skip=ids)
+            ahead = self._fetch(shards, depths, skip=ids)
         except BaseException:
             with contextlib.suppress(Exception):
                 marking.result()  # never leave the marker busy behind a reconnect
             raise
         result = marking.result()
-        self._ahead = _Ahead(self._owned_version, ahead)
+        self._ahead = _Ahead(self._owned_version, ahead, depths)
         return result
 
     def _finish_and_mark(
@@ -577,11 +582,26 @@ class Relay:
             return outcomes, None  # the failures are recorded with the rest, by _record
         return outcomes, self.store.mark_sent(conn, ids, epochs, keep=self.settings.keep_sent)
 
+    def _depths(self, shards: list[int], batch: int) -> list[int]:
+        """How many rows to ask of each shard: an equal share of the batch (at least 64).
+        When some shards brought all they were asked last time and others did not, the
+        others are asked for 64 and the busy ones share the rest: a hot key's shard is read
+        as deep as the batch allows instead of a sixteenth of it (rows of one key all live
+        in one shard)."""
+        low = min(64, batch)
+        even = max(batch // len(shards), low)
+        busy = sum(1 for sh in shards if sh in self._deep)
+        if busy in (0, len(shards)):
+            return [even] * len(shards)
+        share = max(even, (batch - low * (len(shards) - busy)) // busy)
+        return [share if sh in self._deep else low for sh in shards]
+
     def _fetch(
-        self, shards: list[int], per_shard: int, skip: Sequence[int] = ()
+        self, shards: list[int], depths: list[int], skip: Sequence[int] = ()
     ) -> list[OutboxRow]:
-        """Pending rows of the owned shards, each shard read from its cursor (see
-        :mod:`~outbox_relay.cursors`), none of the ids in ``skip``.
+        """Pending rows of the owned shards, up to ``depths`` of each (same order), each
+        shard read from its cursor (see :mod:`~outbox_relay.cursors`), none of the ids in
+        ``skip``.
 
         A shard with rows in retry state is read from its start: once a retrying key's backoff
         ends, its earlier rows must go out before the later ones past the cursor. Every
@@ -596,7 +616,7 @@ class Relay:
         running = self._others(running)
         if not cursors:  # the default: every shard from its first pending row, no bookkeeping
             self._read = shards
-            return self.store.fetch(self._work, shards, blocked, per_shard, skip=skip)
+            return self.store.fetch(self._work, shards, blocked, depths, skip=skip)
         now = time.monotonic()
         full = now >= self._next_rescan
         if full:
@@ -607,7 +627,7 @@ class Relay:
             self._cursors.reset(shard)
         from_start = shards if full else retrying
         after = self._cursors.plan(running, shards, from_start)
-        rows = self.store.fetch(self._work, shards, blocked, per_shard, after, skip)
+        rows = self.store.fetch(self._work, shards, blocked, depths, after, skip)
         # A remembered transaction that ended while a fetch ran may have left rows below where
         # it read: fetch again, and check that fetch the same way (a transaction can end
         # during any of them). After MAX_REFETCHES, each shard is read from below every
@@ -621,7 +641,7 @@ class Relay:
             after = self._cursors.plan(running, shards, from_start)
             if attempt == MAX_REFETCHES:
                 after = self._cursors.lowest(shards, after)
-            rows = self.store.fetch(self._work, shards, blocked, per_shard, after, skip)
+            rows = self.store.fetch(self._work, shards, blocked, depths, after, skip)
             metrics.REFETCHES.inc()
         self._read = shards
         self._last_plan = (len(running), after)
@@ -634,23 +654,19 @@ class Relay:
             return running
         return {x: pid for x, pid in running.items() if pid != self._marker_pid}
 
-    def _advance(self, fetched: Sequence[OutboxRow], kept: Sequence[OutboxRow]) -> int:
+    def _advance(self, fetched: Sequence[OutboxRow], kept: Sequence[OutboxRow]) -> None:
         """Move each shard's cursor to its last fetched row, but never past a row that was
-        fetched and held back (not contiguous in its key's sequence, or a lease just lost).
-        Returns the most rows fetched of one shard (a full read means more are pending)."""
+        fetched and held back (not contiguous in its key's sequence, or a lease just lost)."""
         last: dict[int, int] = {}
-        count: dict[int, int] = {}
         held_back: dict[int, int] = {}
         for r in fetched:
             last[r.shard] = r.id  # rows come in id order
-            count[r.shard] = count.get(r.shard, 0) + 1
         if len(kept) < len(fetched):
             kept_ids = {r.id for r in kept}
             for r in fetched:
                 if r.id not in kept_ids:
                     held_back[r.shard] = min(held_back.get(r.shard, r.id), r.id)
         self._cursors.advance(self._read, last, held_back)
-        return max(count.values(), default=0)
 
     def _in_sequence(self, rows: list[OutboxRow]) -> list[OutboxRow]:
         """Keep each sequenced key's rows only in a contiguous run from its lowest pending
@@ -804,6 +820,15 @@ class Relay:
                 "read_after": self._last_plan[1],
             },
         )
+
+
+def _filled(rows: Sequence[OutboxRow], shards: list[int], depths: list[int]) -> set[int]:
+    """The shards of which ``rows`` (one read, before any cap) hold all that was asked: more
+    of them may be pending."""
+    count: dict[int, int] = {}
+    for r in rows:
+        count[r.shard] = count.get(r.shard, 0) + 1
+    return {sh for sh, depth in zip(shards, depths, strict=True) if count.get(sh, 0) >= depth}
 
 
 def _one_line(exc: BaseException | None) -> str:

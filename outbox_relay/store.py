@@ -135,8 +135,8 @@ class Store:
         for name, skip in (("fetch", ""), ("fetch_past", past)):
             q(
                 name,
-                "SELECT " + cols + " FROM unnest(%(shards)s::smallint[], %(after)s::bigint[])"
-                " AS s(shard, after)"
+                "SELECT " + cols + " FROM unnest(%(shards)s::smallint[], %(after)s::bigint[],"
+                " %(limits)s::int[]) AS s(shard, after, lim)"
                 " CROSS JOIN LATERAL (SELECT * FROM {t} p"
                 "   WHERE (p.shard, p.id) > (s.shard, s.after)"
                 "   AND (p.shard, p.id) < (s.shard, 9223372036854775807) AND p.sent_at IS NULL"
@@ -144,7 +144,7 @@ class Store:
                 "   AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= now())"
                 "   AND (p.key IS NULL OR p.key <> ALL(%(blocked)s::text[]))"
                 + skip
-                + "   ORDER BY p.shard, p.id LIMIT %(limit)s) AS o",
+                + "   ORDER BY p.shard, p.id LIMIT s.lim) AS o",
             )
         # The lowest pending sequence number of each given (topic, key): a key's sequenced rows
         # are published only in a contiguous run starting there.
@@ -624,17 +624,17 @@ class Store:
         conn: psycopg.Connection[Any],
         shards: Sequence[int],
         blocked: Sequence[str],
-        limit: int,
+        limit: int | Sequence[int],
         after: Sequence[int] | None = None,
         skip: Sequence[int] = (),
     ) -> list[OutboxRow]:
-        """Up to ``limit`` pending rows per shard in id order, each shard past ``after``, none
-        of the ids in ``skip``."""
+        """Up to ``limit`` pending rows per shard (one number for all, or one per shard), in
+        id order, each shard past ``after``, none of the ids in ``skip``."""
         params: dict[str, Any] = {
             "shards": list(shards),
             "after": list(after) if after is not None else [0] * len(shards),
             "blocked": list(blocked),
-            "limit": limit,
+            "limits": [limit] * len(shards) if isinstance(limit, int) else list(limit),
         }
         if skip:
             params["skip"] = id_array(skip)

@@ -46,7 +46,12 @@ def test_an_idle_relays_statements_read_a_burst_by_index(outbox: Outbox) -> None
     outbox.sql(f"VACUUM {table}")  # empty: no pages, no rows, as a vacuum leaves it
     store = Store(outbox.schema, "outbox", 4243)
     shards = list(range(outbox.shards))
-    fetch = {"shards": SHARDS, "after": "'{0,0,0,0,0,0,0,0}'", "blocked": "'{}'", "limit": "100"}
+    fetch = {
+        "shards": SHARDS,
+        "after": "'{0,0,0,0,0,0,0,0}'",
+        "blocked": "'{}'",
+        "limits": "'{100,100,100,100,100,100,100,100}'",
+    }
     mark = {
         "ids": "'{1,2,3}'",
         "created_max": "'Infinity'",

@@ -263,6 +263,29 @@ def test_a_round_holds_at_most_the_batch_size_with_many_shards(
     assert max(rounds) == batch, rounds
 
 
+def test_a_hot_keys_shard_is_read_deep_while_the_others_are_idle(
+    outbox: Outbox,
+    topic: str,
+    engine: Engine,
+    kafka_bootstrap: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    """Rows of one key all live in one shard. Once the other shards come back with less than
+    they were asked, that shard is read as deep as the batch allows (minus 64 rows asked of
+    each other shard), not an equal share of the batch."""
+    total, batch = 6_000, 2_000
+    with Session(engine) as s, s.begin():
+        enqueue_many(s, [Message(topic, {"n": i}, key="hot") for i in range(total)])
+    relay = relay_factory(OUTBOX_BATCH_SIZE=str(batch), OUTBOX_LOG_LEVEL="DEBUG")
+    wait_for(lambda: outbox.pending() == 0, 60, "the relay to drain")
+    got = consume(kafka_bootstrap, topic, expected=total, timeout=60)
+    assert [json.loads(m.value)["n"] for m in got] == list(range(total))
+    rounds = [int(n) for n in re.findall(r"batch of (\d+) rows", relay.output())]
+    even = batch // outbox.shards
+    assert rounds and rounds[0] == even, rounds  # first read: an equal share of each shard
+    assert max(rounds) == batch - 64 * (outbox.shards - 1), rounds
+
+
 def test_two_relays_split_shards_and_fail_over(
     outbox: Outbox,
     topic: str,
@@ -337,7 +360,8 @@ def test_fetch_walks_the_pending_index_and_returns_id_order(outbox: Outbox, engi
             assert [r.id for r in rows] == sorted(r.id for r in rows), "id order across shards"
             assert store.mark_sent(conn, [r.id for r in rows], epochs, keep=False) == len(rows)
         query = store._q["fetch"].as_string(conn)
-        params = {"shards": shards, "after": [0] * len(shards), "blocked": [], "limit": 50}
+        limits = [50] * len(shards)
+        params = {"shards": shards, "after": [0] * len(shards), "blocked": [], "limits": limits}
         for mode in ("force_custom_plan", "force_generic_plan"):
             conn.execute(f"SET plan_cache_mode = {mode}")
             plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + query, params))
