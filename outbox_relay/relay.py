@@ -542,8 +542,9 @@ class Relay:
         timeout: float,
     ) -> tuple[list[Outcome], int | None]:
         """A backlog: publish ``rows`` and, while they are acknowledged, read the next batch
-        (their rows are not marked yet, so they are left out by id; the batch read is used
-        only if every row is delivered). Once all are acknowledged they are marked at once,
+        (``depths`` rows of each of ``shards``; this batch's rows are not marked yet, so they
+        are left out by id; the batch read is used only if every row is delivered). Once all
+        are acknowledged they are marked at once,
         on a connection and thread of their own, still before anything more is published.
         Returns the outcomes and the rows marked, or None if not marked here (see
         :meth:`_record`)."""
