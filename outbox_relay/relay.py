@@ -183,7 +183,7 @@ class Relay:
             ) from None
         try:
             self.state.database = True
-            self.store.plan_each_time(self._work)
+            self.store.tune_session(self._work)
             meta = self.store.check_schema(self._work)
             self.state.schema = True
             self.total_shards = int(meta["shards"])
@@ -554,7 +554,7 @@ class Relay:
                 autocommit=True,
                 application_name=f"outbox-relay mark {self.settings.relay_name}",
             )
-            self.store.plan_each_time(self._marker)
+            self.store.tune_session(self._marker)
             self._marker_pid = self.store.backend_pid(self._marker)
         if self._marking is None:
             self._marking = ThreadPoolExecutor(1, thread_name_prefix="outbox-mark")

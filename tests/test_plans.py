@@ -63,7 +63,7 @@ def test_an_idle_relays_statements_read_a_burst_by_index(outbox: Outbox) -> None
         psycopg.connect(conninfo(outbox.url), autocommit=True) as relay,
         psycopg.connect(conninfo(outbox.url), autocommit=True) as plain,
     ):
-        store.plan_each_time(relay)
+        store.tune_session(relay)
         epochs = {sh: store.take_epoch(relay, sh, "test") for sh in shards}
         for conn in (relay, plain):
             for _ in range(6):  # beyond the five custom plans Postgres makes before a generic one
@@ -86,3 +86,30 @@ def test_an_idle_relays_statements_read_a_burst_by_index(outbox: Outbox) -> None
         assert "outbox_pkey" in _explain_prepared(relay, store, "delete_sent", mark)
         # pending_idx would serve the held-rows query too, filtering every pending row
         assert "outbox_held_idx" in _explain_prepared(relay, store, "held", held)
+
+
+def test_the_relays_sessions_never_jit_compile_a_fetch(outbox: Outbox) -> None:
+    """The fetch's per-shard LIMIT is a parameter, so Postgres assumes a tenth of the table and
+    the estimated cost grows with the backlog; past ``jit_above_cost`` each fetch was compiled
+    (~330 ms per fetch on a 1M-row backlog). ``jit_above_cost = 0`` stands in for a big table."""
+    store = Store(outbox.schema, "outbox", 4243)
+    shards = list(range(outbox.shards))
+    fetch = {
+        "shards": SHARDS,
+        "after": "'{0,0,0,0,0,0,0,0}'",
+        "blocked": "'{}'",
+        "limits": "'{250,250,250,250,250,250,250,250}'",
+    }
+    with (
+        psycopg.connect(conninfo(outbox.url), autocommit=True) as relay,
+        psycopg.connect(conninfo(outbox.url), autocommit=True) as plain,
+    ):
+        store.tune_session(relay)
+        for conn in (relay, plain):
+            conn.execute("SET jit_above_cost = 0")
+            store.fetch(conn, shards, [], 250, [0] * len(shards))
+        jit = plain.execute("SELECT pg_jit_available()").fetchone()
+        if jit and jit[0]:  # the premise, where this server can compile at all
+            assert "JIT:" in _explain_prepared(plain, store, "fetch", fetch)
+        assert "JIT:" not in _explain_prepared(relay, store, "fetch", fetch)
+        assert relay.execute("SHOW jit").fetchone() == ("off",)
