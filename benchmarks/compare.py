@@ -7,7 +7,9 @@
 
 A variant is ``NAME=[SOURCE_TREE][:ENV=VALUE[,ENV=VALUE...]]``: the relay runs from
 ``SOURCE_TREE`` (a directory holding an ``outbox_relay`` package; empty = the installed one) with
-the extra environment. Repetitions alternate the order of the variants (ABC, CBA, ...) so a
+the extra environment; an entry ``table.PARAM=VALUE`` sets a storage parameter of the outbox
+table before that variant's backlog is written instead (e.g. ``table.fillfactor=100``).
+Repetitions alternate the order of the variants (ABC, CBA, ...) so a
 noisy neighbour hurts every variant alike; ``--xmin-held`` keeps a transaction open in another
 session meanwhile (see drain.py). The schema is migrated by the first variant's tree. Prints a
 table and writes ``benchmarks/results/compare-<time>.json``.
@@ -83,11 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         box = BenchOutbox.create(svc, args.shards)
         try:
+            wanted = {k[6:] for _, _, env in args.variant for k in env if k.startswith("table.")}
+            defaults = box.storage_of(wanted)
             with topics(svc, args.partitions) as new_topic:
                 for rep in range(args.reps):
                     order = args.variant if rep % 2 == 0 else args.variant[::-1]
                     for name, tree, env in order:
                         topic = new_topic("compare")
+                        storage = {k[6:]: v for k, v in env.items() if k.startswith("table.")}
+                        env = {k: v for k, v in env.items() if not k.startswith("table.")}
+                        box.storage(storage or defaults)
                         fill(box, topic, args.rows, pool, args.keys)
                         d = relay_drain(box, topic, args.partitions, args.rows, logdir,
                                         0.1 if args.rows <= 200_000 else 0.5, 3600,
