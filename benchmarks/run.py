@@ -219,6 +219,19 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                 rec.note("running_drain_detail", r)
                 log(f"rep {rep + 1}: running relay, {run_n} rows committed at once: "
                     f"{r['msgs_per_s']:,.0f} msg/s, ratio {r['msgs_per_s'] / raw:.3f}")
+            # the issue's measure to the letter: a 100k-row backlog, counted from the relay's
+            # spawn (start-up included); at small scale that is the backlog drain above
+            for rep in range(cfg["reps"] if run_n != n else 0):
+                raw_before = raw_run(rep, run_n, record=False)
+                topic = new_topic("drain100k")
+                fill(box, topic, run_n, pool)
+                d = relay_drain(box, topic, parts, run_n, logdir, poll_every=0.1, timeout=3600)
+                raw = (raw_before + raw_run(rep, run_n, record=False)) / 2
+                rec.add("drain_100k_msgs_per_s", d["msgs_per_s"])
+                rec.add("drain_100k_ratio", d["msgs_per_s"] / raw)
+                rec.note("drain_100k_detail", d)
+                log(f"rep {rep + 1}: relay drain of {run_n} rows {d['msgs_per_s']:,.0f} msg/s "
+                    f"(start-up {d['startup_s']:.2f}s), ratio {d['msgs_per_s'] / raw:.3f}")
             if profile:
                 topic = new_topic("profile")
                 fill(box, topic, n, pool)
@@ -496,6 +509,8 @@ ORDER = [
     ("two_relays_drain_msgs_per_s", "msg/s", "two relays (Helm default) on the same backlog"),
     ("two_relays_drain_ratio", "", "two relays' drain / raw produce"),
     ("relay_drain_xmin_held_msgs_per_s", "msg/s", "same, a long transaction open meanwhile"),
+    ("drain_100k_msgs_per_s", "msg/s", "100k-row backlog, from relay spawn (full scale)"),
+    ("drain_100k_ratio", "", "same / raw produce of 100k"),
     ("running_drain_msgs_per_s", "msg/s", "100k rows committed at once, relay running"),
     ("running_drain_ratio", "", "same / raw produce of 100k"),
     ("eos_drain_msgs_per_s", "msg/s", "same, exactly-once (a Kafka transaction per shard)"),
