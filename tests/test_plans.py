@@ -19,6 +19,13 @@ from outbox_relay.store import Store
 from .conftest import Outbox
 
 SHARDS = "'{0,1,2,3,4,5,6,7}'"
+#: the fetch's parameters (SQL literals): every shard of 8 from its start, 100 rows each
+FETCH = {
+    "shards": SHARDS,
+    "after": "'{0,0,0,0,0,0,0,0}'",
+    "blocked": "'{}'",
+    "limits": "'{100,100,100,100,100,100,100,100}'",
+}
 #: a sequential scan of the outbox itself (its small side tables may well be scanned)
 WHOLE_TABLE = re.compile(r"Seq Scan on outbox(?!_)")
 
@@ -46,12 +53,6 @@ def test_an_idle_relays_statements_read_a_burst_by_index(outbox: Outbox) -> None
     outbox.sql(f"VACUUM {table}")  # empty: no pages, no rows, as a vacuum leaves it
     store = Store(outbox.schema, "outbox", 4243)
     shards = list(range(outbox.shards))
-    fetch = {
-        "shards": SHARDS,
-        "after": "'{0,0,0,0,0,0,0,0}'",
-        "blocked": "'{}'",
-        "limits": "'{100,100,100,100,100,100,100,100}'",
-    }
     mark = {
         "ids": "'{1,2,3}'",
         "created_max": "'Infinity'",
@@ -76,13 +77,13 @@ def test_an_idle_relays_statements_read_a_burst_by_index(outbox: Outbox) -> None
             " FROM generate_series(1, 20000) AS i"
         )
         # without the setting the session keeps reading the whole table: the test's own premise
-        assert WHOLE_TABLE.search(_explain_prepared(plain, store, "fetch", fetch))
+        assert WHOLE_TABLE.search(_explain_prepared(plain, store, "fetch", FETCH))
         assert WHOLE_TABLE.search(_explain_prepared(plain, store, "delete_sent", mark))
 
-        for name, args in (("fetch", fetch), ("delete_sent", mark), ("held", held)):
+        for name, args in (("fetch", FETCH), ("delete_sent", mark), ("held", held)):
             plan = _explain_prepared(relay, store, name, args)
             assert not WHOLE_TABLE.search(plan), f"{name}:\n{plan}"
-        assert "outbox_pending_idx" in _explain_prepared(relay, store, "fetch", fetch)
+        assert "outbox_pending_idx" in _explain_prepared(relay, store, "fetch", FETCH)
         assert "outbox_pkey" in _explain_prepared(relay, store, "delete_sent", mark)
         # pending_idx would serve the held-rows query too, filtering every pending row
         assert "outbox_held_idx" in _explain_prepared(relay, store, "held", held)
@@ -94,12 +95,6 @@ def test_the_relays_sessions_never_jit_compile_a_fetch(outbox: Outbox) -> None:
     (~330 ms per fetch on a 1M-row backlog). ``jit_above_cost = 0`` stands in for a big table."""
     store = Store(outbox.schema, "outbox", 4243)
     shards = list(range(outbox.shards))
-    fetch = {
-        "shards": SHARDS,
-        "after": "'{0,0,0,0,0,0,0,0}'",
-        "blocked": "'{}'",
-        "limits": "'{250,250,250,250,250,250,250,250}'",
-    }
     with (
         psycopg.connect(conninfo(outbox.url), autocommit=True) as relay,
         psycopg.connect(conninfo(outbox.url), autocommit=True) as plain,
@@ -107,9 +102,9 @@ def test_the_relays_sessions_never_jit_compile_a_fetch(outbox: Outbox) -> None:
         store.tune_session(relay)
         for conn in (relay, plain):
             conn.execute("SET jit_above_cost = 0")
-            store.fetch(conn, shards, [], 250, [0] * len(shards))
+            store.fetch(conn, shards, [], 100, [0] * len(shards))
         jit = plain.execute("SELECT pg_jit_available()").fetchone()
         if jit and jit[0]:  # the premise, where this server can compile at all
-            assert "JIT:" in _explain_prepared(plain, store, "fetch", fetch)
-        assert "JIT:" not in _explain_prepared(relay, store, "fetch", fetch)
+            assert "JIT:" in _explain_prepared(plain, store, "fetch", FETCH)
+        assert "JIT:" not in _explain_prepared(relay, store, "fetch", FETCH)
         assert relay.execute("SHOW jit").fetchone() == ("off",)
