@@ -431,18 +431,20 @@ class BenchOutbox:
             cur = conn.execute(query.replace("{t}", self.t), params)
             return cur.fetchall() if cur.description else []
 
-    def storage_of(self, names: set[str]) -> dict[str, str]:
-        """The table's current values of these storage parameters."""
+    def storage_of(self, names: set[str]) -> dict[str, str | None]:
+        """The table's current values of these storage parameters (None: not set)."""
         rows = self.sql("SELECT unnest(reloptions) FROM pg_class WHERE oid = %s::regclass",
                         (self.t,))
         current = dict(str(r[0]).split("=", 1) for r in rows)
-        return {n: current[n] for n in names if n in current}
+        return {n: current.get(n) for n in names}
 
-    def storage(self, params: dict[str, str]) -> None:
-        """Set storage parameters (e.g. ``fillfactor``); they apply to pages written next."""
-        if params:
-            opts = ", ".join(f"{k} = {v}" for k, v in params.items())
-            self.sql(f"ALTER TABLE {self.t} SET ({opts})")
+    def storage(self, params: dict[str, str | None]) -> None:
+        """Set storage parameters (e.g. ``fillfactor``; None resets one to Postgres's
+        default); they apply to pages written next."""
+        if values := [f"{k} = {v}" for k, v in params.items() if v is not None]:
+            self.sql(f"ALTER TABLE {self.t} SET ({', '.join(values)})")
+        if reset := [k for k, v in params.items() if v is None]:
+            self.sql(f"ALTER TABLE {self.t} RESET ({', '.join(reset)})")
 
     def pending(self) -> int:
         return int(self.sql("SELECT count(*) FROM {t} WHERE sent_at IS NULL")[0][0])

@@ -92,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     order = args.variant if rep % 2 == 0 else args.variant[::-1]
                     for name, tree, env in order:
                         topic = new_topic("compare")
-                        storage = {k[6:]: v for k, v in env.items() if k.startswith("table.")}
+                        storage: dict[str, str | None] = {
+                            k[6:]: v for k, v in env.items() if k.startswith("table.")}
                         env = {k: v for k, v in env.items() if not k.startswith("table.")}
-                        box.storage(storage or defaults)
+                        box.storage({**defaults, **storage})
                         fill(box, topic, args.rows, pool, args.keys)
                         d = relay_drain(box, topic, args.partitions, args.rows, logdir,
                                         0.1 if args.rows <= 200_000 else 0.5, 3600,
