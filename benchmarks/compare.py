@@ -40,6 +40,9 @@ from .common import (
 )
 from .drain import fill, relay_drain
 
+#: variant entries with this prefix are storage parameters of the outbox table, not environment
+TABLE = "table."
+
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, str]]:
     name, sep, rest = text.partition("=")
@@ -85,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         box = BenchOutbox.create(svc, args.shards)
         try:
-            wanted = {k[6:] for _, _, env in args.variant for k in env if k.startswith("table.")}
+            wanted = {k.removeprefix(TABLE) for _, _, env in args.variant for k in env
+                      if k.startswith(TABLE)}
             defaults = box.storage_of(wanted)
             with topics(svc, args.partitions) as new_topic:
                 for rep in range(args.reps):
@@ -93,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for name, tree, env in order:
                         topic = new_topic("compare")
                         storage: dict[str, str | None] = {
-                            k[6:]: v for k, v in env.items() if k.startswith("table.")}
-                        env = {k: v for k, v in env.items() if not k.startswith("table.")}
+                            k.removeprefix(TABLE): v for k, v in env.items() if k.startswith(TABLE)}
+                        env = {k: v for k, v in env.items() if not k.startswith(TABLE)}
                         box.storage({**defaults, **storage})
                         fill(box, topic, args.rows, pool, args.keys)
                         d = relay_drain(box, topic, args.partitions, args.rows, logdir,

@@ -543,7 +543,7 @@ class Store:
         * No JIT compilation. The fetch's per-shard LIMIT is a parameter, so the planner
           assumes a tenth of the table and its estimated cost grows with the backlog; past
           ``jit_above_cost`` every fetch was compiled. Measured on a 1M-row backlog: ~330 ms
-          of compilation for a 30 ms fetch, and the drain at a third of its rate."""
+          of compilation for ~15 ms of execution, and the drain at a third of its rate."""
         conn.execute(
             "SELECT set_config('plan_cache_mode', 'force_custom_plan', false),"
             " set_config('jit', 'off', false)"
