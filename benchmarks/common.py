@@ -194,8 +194,12 @@ def payload_pool(size: int, nbytes: int, seed: int = 7) -> list[bytes]:
     return pool
 
 
+#: A message's key: ``KEY_FORMAT.format(i % keys)``.
+KEY_FORMAT = "key-{}"
+
+
 def msg_key(i: int, keys: int = KEYS) -> str:
-    return f"key-{i % keys}"
+    return KEY_FORMAT.format(i % keys)
 
 
 # --------------------------------------------------------------------------- statistics

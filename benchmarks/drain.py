@@ -172,6 +172,7 @@ def _relay_drain(
         "seconds": total,
         "startup_s": startup,
         "steady_msgs_per_s": n / steady if steady else None,
+        "from_ready_msgs_per_s": n / (total - startup),
         "rss_mb": rss,
         "relay_cpu_s": relay_cpu,
         "relay_cpu_us_per_msg": 1e6 * relay_cpu / n,

@@ -1,7 +1,9 @@
 """The ceilings: a raw confluent-kafka producer with exactly the relay's producer settings.
 
 * throughput: produce N messages (the same keys, payloads and headers the relay sends), then
-  flush; time from the first ``produce`` to the end of ``flush`` (all acknowledged);
+  flush; time from the first ``produce`` to the end of ``flush`` (all acknowledged), with the
+  producer connected beforehand -- or, cold, as a program of its own timed from its spawn
+  (``raw_cold.py``), the way the relay's drain of a backlog is timed;
 * latency: one message every 1/rate s; produce → delivery report (ack), and produce → consumed
   by a consumer in this process (the same consumer the relay's end-to-end figures use).
 """
@@ -9,9 +11,13 @@
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import (
@@ -23,17 +29,31 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from .common import H_CTYPE, H_ID, H_IKEY, BenchError, Services, msg_key, unique
+from .common import (
+    H_CTYPE,
+    H_ID,
+    H_IKEY,
+    KEY_FORMAT,
+    KEYS,
+    BenchError,
+    Services,
+    msg_key,
+    unique,
+)
+
+CONTENT_TYPE = "application/json"
+#: The idempotency key of the drain's message ``i``: ``IKEY_FORMAT.format(i)``.
+IKEY_FORMAT = "bench-{:010d}"
 
 
 def headers_for(ikey: str, outbox_id: int) -> list[tuple[str, bytes]]:
     """The headers the relay puts on a row without user headers (sinks/kafka.py)."""
     return [(H_IKEY, ikey.encode()), (H_ID, str(outbox_id).encode()),
-            (H_CTYPE, b"application/json")]
+            (H_CTYPE, CONTENT_TYPE.encode())]
 
 
 def drain_ikey(i: int) -> str:
-    return f"bench-{i:010d}"
+    return IKEY_FORMAT.format(i)
 
 
 def warm_up(producer: Producer, topic: str) -> None:
@@ -69,6 +89,31 @@ def raw_throughput(svc: Services, topic: str, n: int, pool: Sequence[bytes]) -> 
     elapsed = time.perf_counter() - t0
     if left or errors:
         raise BenchError(f"raw producer: {left} undelivered, {len(errors)} errors {errors[:3]}")
+    return {"msgs_per_s": n / elapsed, "seconds": elapsed}
+
+
+def raw_cold_throughput(svc: Services, topic: str, n: int, pool: Sequence[bytes],
+                        workdir: Path) -> dict[str, Any]:
+    """The same ``n`` messages from a producer program of its own (``raw_cold.py``), timed
+    from its spawn to the end of its flush: what :func:`raw_throughput` leaves out (a process
+    starting, connecting, getting its producer id) counted as the relay's start-up is."""
+    if any(b"\n" in p for p in pool):
+        raise BenchError("raw_cold.py reads payloads one per line: a payload holds a newline")
+    pool_path, spec_path = workdir / "raw-cold-pool.txt", workdir / "raw-cold-spec.json"
+    pool_path.write_bytes(b"\n".join(pool))
+    spec_path.write_text(json.dumps({
+        "config": svc.producer_config(), "topic": topic, "rows": n, "keys": KEYS,
+        "key_format": KEY_FORMAT, "pool": str(pool_path), "headers": [H_IKEY, H_ID, H_CTYPE],
+        "ikey_format": IKEY_FORMAT, "content_type": CONTENT_TYPE,
+    }))
+    spawned = time.time()
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("raw_cold.py")),
+                           str(spec_path)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise BenchError(f"raw_cold.py exited {proc.returncode}: "
+                         f"{(proc.stdout + proc.stderr).strip()[-500:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    elapsed = out["done"] - spawned
     return {"msgs_per_s": n / elapsed, "seconds": elapsed}
 
 

@@ -85,6 +85,9 @@ PHASES = ("throughput", "latency", "txn", "webhook")
 
 GOALS: list[tuple[str, str, Callable[[dict[str, Any]], bool | None]]] = [
     ("drain_ratio", ">= 0.8 (issue 4 floor: >= 0.3)", lambda r: r["drain_ratio"] >= 0.8),
+    # issue 4's floor, on its own measure (a 100k-row backlog) counted the three ways
+    *((key, ">= 0.3 (issue 4 floor)", lambda r, key=key: r[key] >= 0.3)
+      for key in ("drain_100k_cold_ratio", "drain_100k_warm_ratio", "drain_100k_ratio")),
     ("e2e_latency_ms_p50", "<= raw_ack_latency_ms_p50 + 2",
      lambda r: r["e2e_latency_ms_p50"] <= r["raw_ack_latency_ms_p50"] + 2),
     ("e2e_latency_ms_p99", "<= raw_ack_latency_ms_p99 + 10",
@@ -128,7 +131,7 @@ class Recorder:
 def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: Path,
                      profile: bool) -> None:
     from .drain import fill, relay_drain, running_drain, topic_messages
-    from .kafka_bench import raw_throughput
+    from .kafka_bench import raw_cold_throughput, raw_throughput
     from .scale import drain_with
 
     n = cfg["drain_rows"]
@@ -149,7 +152,32 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                     f"({rows} in {r['seconds']:.1f}s)")
                 return float(r["msgs_per_s"])
 
+            def cold_raw_run(rep: int, rows: int) -> float:
+                r = raw_cold_throughput(svc, new_topic("rawcold"), rows, pool, logdir)
+                rec.add("raw_cold_produce_msgs_per_s", r["msgs_per_s"])
+                log(f"rep {rep + 1}: raw producer program, from its spawn "
+                    f"{r['msgs_per_s']:,.0f} msg/s ({rows} in {r['seconds']:.2f}s)")
+                return float(r["msgs_per_s"])
+
+            run_n = cfg["running_drain_rows"]
+
+            def record_100k(rep: int, d: dict[str, Any], raw: float, cold: float) -> None:
+                """The issue's measure, a ``run_n``-row backlog, three ways: the relay from its
+                spawn against the producer program from its spawn (both cold), the relay from
+                owning its shards against the connected producer (both warm), and the relay
+                from its spawn against the connected producer."""
+                rec.add("drain_100k_msgs_per_s", d["msgs_per_s"])
+                rec.add("drain_100k_cold_ratio", d["msgs_per_s"] / cold)
+                rec.add("drain_100k_warm_ratio", d["from_ready_msgs_per_s"] / raw)
+                rec.add("drain_100k_ratio", d["msgs_per_s"] / raw)
+                rec.note("drain_100k_detail", d)
+                log(f"rep {rep + 1}: {run_n} rows, ratio cold/cold "
+                    f"{d['msgs_per_s'] / cold:.3f}, warm/warm "
+                    f"{d['from_ready_msgs_per_s'] / raw:.3f}, cold relay/warm producer "
+                    f"{d['msgs_per_s'] / raw:.3f}")
+
             for rep in range(cfg["reps"]):
+                cold_before = cold_raw_run(rep, n) if n == run_n else 0.0
                 raw_before = raw_run(rep)
                 topic = new_topic("drain")
                 fill_s = fill(box, topic, n, pool)
@@ -158,6 +186,8 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                                 poll_every=0.2 if n <= 200_000 else 0.5, timeout=3600)
                 raw_between = raw_run(rep)
                 raw = (raw_before + raw_between) / 2
+                if n == run_n:  # small scale: this backlog is the issue's measure
+                    record_100k(rep, d, raw, (cold_before + cold_raw_run(rep, n)) / 2)
                 rec.add("relay_drain_msgs_per_s", d["msgs_per_s"])
                 rec.add("drain_ratio", d["msgs_per_s"] / raw)
                 rec.add("relay_startup_s", d["startup_s"])
@@ -208,7 +238,6 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                 log(f"rep {rep + 1}: relay drain with the xmin horizon held "
                     f"{d['msgs_per_s']:,.0f} msg/s")
             # the issue's own measure: 100k rows, here landing on a relay already running
-            run_n = cfg["running_drain_rows"]
             for rep in range(cfg["reps"]):
                 raw_before = raw_run(rep, run_n, record=False)
                 r = running_drain(box, new_topic("drainrun"), parts, run_n, pool, logdir, 3600)
@@ -222,16 +251,15 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
             # the issue's measure to the letter: a 100k-row backlog, counted from the relay's
             # spawn (start-up included); at small scale that is the backlog drain above
             for rep in range(cfg["reps"] if run_n != n else 0):
+                cold_before = cold_raw_run(rep, run_n)
                 raw_before = raw_run(rep, run_n, record=False)
                 topic = new_topic("drain100k")
                 fill(box, topic, run_n, pool)
                 d = relay_drain(box, topic, parts, run_n, logdir, poll_every=0.1, timeout=3600)
-                raw = (raw_before + raw_run(rep, run_n, record=False)) / 2
-                rec.add("drain_100k_msgs_per_s", d["msgs_per_s"])
-                rec.add("drain_100k_ratio", d["msgs_per_s"] / raw)
-                rec.note("drain_100k_detail", d)
                 log(f"rep {rep + 1}: relay drain of {run_n} rows {d['msgs_per_s']:,.0f} msg/s "
-                    f"(start-up {d['startup_s']:.2f}s), ratio {d['msgs_per_s'] / raw:.3f}")
+                    f"(start-up {d['startup_s']:.2f}s)")
+                raw = (raw_before + raw_run(rep, run_n, record=False)) / 2
+                record_100k(rep, d, raw, (cold_before + cold_raw_run(rep, run_n)) / 2)
             if profile:
                 topic = new_topic("profile")
                 fill(box, topic, n, pool)
@@ -509,8 +537,11 @@ ORDER = [
     ("two_relays_drain_msgs_per_s", "msg/s", "two relays (Helm default) on the same backlog"),
     ("two_relays_drain_ratio", "", "two relays' drain / raw produce"),
     ("relay_drain_xmin_held_msgs_per_s", "msg/s", "same, a long transaction open meanwhile"),
-    ("drain_100k_msgs_per_s", "msg/s", "100k-row backlog, from relay spawn (full scale)"),
-    ("drain_100k_ratio", "", "same / raw produce of 100k"),
+    ("drain_100k_msgs_per_s", "msg/s", "100k-row backlog, from relay spawn"),
+    ("raw_cold_produce_msgs_per_s", "msg/s", "raw producer program sending 100k, from its spawn"),
+    ("drain_100k_cold_ratio", "", "relay from spawn / producer program from spawn"),
+    ("drain_100k_warm_ratio", "", "relay from owning its shards / connected raw producer"),
+    ("drain_100k_ratio", "", "relay from spawn / connected raw producer"),
     ("running_drain_msgs_per_s", "msg/s", "100k rows committed at once, relay running"),
     ("running_drain_ratio", "", "same / raw produce of 100k"),
     ("eos_drain_msgs_per_s", "msg/s", "same, exactly-once (a Kafka transaction per shard)"),
