@@ -3,10 +3,10 @@
 The relay's drain of a backlog is timed from the relay's spawn: interpreter start, imports,
 connections and the producer's first metadata and idempotent producer id all count. This is
 the same job for a bare producer, counted the same way: start, connect (a metadata request,
-as the relay's start-up makes), produce ``rows``
-messages (keys, values and headers as the relay sends them), flush. The parent process
-(:func:`benchmarks.kafka_bench.raw_cold_throughput`) notes the wall clock before it spawns this
-script and subtracts it from the ``done`` clock printed here.
+as the relay's start-up makes), produce ``rows`` messages (keys, values and headers as the
+relay sends them), flush. The parent process (:func:`benchmarks.kafka_bench.raw_cold_throughput`)
+notes the wall clock before it spawns this script and subtracts it from the ``done`` clock
+printed here.
 
 It imports only the standard library and confluent-kafka, as a minimal producer would: run it
 as a file (``python benchmarks/raw_cold.py SPEC``), not as a module of the ``benchmarks``

@@ -248,8 +248,8 @@ def phase_throughput(svc: Services, cfg: dict[str, Any], rec: Recorder, logdir: 
                 rec.note("running_drain_detail", r)
                 log(f"rep {rep + 1}: running relay, {run_n} rows committed at once: "
                     f"{r['msgs_per_s']:,.0f} msg/s, ratio {r['msgs_per_s'] / raw:.3f}")
-            # the measure to the letter: a 100k-row backlog, counted from the relay's
-            # spawn (start-up included); at small scale that is the backlog drain above
+            # the measure to the letter: a 100k-row backlog, counted the three ways of
+            # record_100k; at small scale that is the backlog drain above
             for rep in range(cfg["reps"] if run_n != n else 0):
                 cold_before = cold_raw_run(rep, run_n)
                 raw_before = raw_run(rep, run_n, record=False)
