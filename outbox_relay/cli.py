@@ -19,7 +19,9 @@ from typing import Any
 
 import psycopg
 
+from . import __version__
 from .errors import ConfigError, DatabaseUnavailable, OutboxError
+from .schema_version import SCHEMA_REVISION
 from .settings import Settings, conninfo, load_settings, redact
 
 log = logging.getLogger("outbox_relay")
@@ -37,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="outbox-relay",
         description="Transactional outbox for PostgreSQL: migrate the schema, relay rows to "
         "Kafka or webhooks. Settings come from OUTBOX_* environment variables; flags override.",
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__} (schema revision {SCHEMA_REVISION})",
     )
     p.add_argument("--database-url", help="OUTBOX_DATABASE_URL")
     p.add_argument("--schema", dest="db_schema", help="OUTBOX_SCHEMA (default public)")
@@ -267,6 +274,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from .health import RelayState, serve
     from .relay import Relay
 
+    log.info("outbox-relay %s starting (schema revision %s)", __version__, SCHEMA_REVISION)
     sink = _make_sink(settings)
     state = RelayState(sink_detail=getattr(sink, "status", None))
     relay = Relay(settings, sink, state=state)
@@ -367,7 +375,6 @@ def _store(settings: Settings) -> Any:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     from .guard import guard_problems, schema_problems
     from .migrations import HEAD
-    from .schema_version import SCHEMA_REVISION
 
     store = _store(settings)
     with _connect(settings) as conn:

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from . import __version__
+from .schema_version import SCHEMA_REVISION
+
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+BUILD_INFO = Gauge(
+    "outbox_relay_build_info",
+    "Always 1: the relay's version and the schema revision it expects",
+    ["version", "schema_revision"],
+    registry=REGISTRY,
+)
+BUILD_INFO.labels(__version__, SCHEMA_REVISION).set(1)
 
 PUBLISHED = Counter(
     "outbox_messages_published",

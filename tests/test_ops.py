@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import psycopg
@@ -235,6 +236,9 @@ def test_metrics_reflect_published_counts_and_pending_gauges(
     assert _metric(relay, "outbox_end_to_end_lag_seconds_count") == 25.0
     assert (_metric(relay, "outbox_batch_size_count") or 0) >= 1
     assert _metric(relay, "outbox_shards_owned") == float(outbox.shards)
+    build = {"version": version("outbox-relay"), "schema_revision": SCHEMA_REVISION}
+    assert _metric(relay, "outbox_relay_build_info", **build) == 1.0
+    assert f"outbox-relay {build['version']} starting" in relay.output()
 
     _enqueue(engine, "held.topic", 7, hold=True, age_s=100, prefix="h")
     outbox.sql("UPDATE {t} SET dead_at = now() WHERE idempotency_key IN ('h-0', 'h-1')")
@@ -1013,3 +1017,10 @@ def test_duration_settings() -> None:
     assert load_settings(retention="0").retention == 0
     with pytest.raises(ConfigError, match="OUTBOX_RETENTION"):
         load_settings(retention="soon")
+
+
+def test_version_names_the_package_and_the_schema_revision_it_expects() -> None:
+    done = run_cli("--version", env={})
+    assert done.returncode == 0, done.stderr
+    expected = f"outbox-relay {version('outbox-relay')} (schema revision {SCHEMA_REVISION})"
+    assert done.stdout.strip() == expected

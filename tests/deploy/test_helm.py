@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+import outbox_relay
+
 from .conftest import HelmTemplate
 from .helpers import CHART, CI_VALUES, FIXTURES, KUBERNETES_VERSIONS, run
 
@@ -802,6 +804,8 @@ def test_chart_yaml(yaml_mod: Any) -> None:
     meta = yaml_mod.safe_load((CHART / "Chart.yaml").read_text())
     assert meta["apiVersion"] == "v2"
     assert meta["name"] == "outbox-relay"
+    # the image the chart runs by default is tagged with the package's version
+    assert meta["appVersion"] == outbox_relay.__version__
     values = yaml_mod.safe_load((CHART / "values.yaml").read_text())
     assert values["replicaCount"] == 2
     assert values["mode"] == "deployment"
