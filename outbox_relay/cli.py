@@ -274,7 +274,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from .health import RelayState, serve
     from .relay import Relay
 
-    log.info("outbox-relay %s starting (schema revision %s)", __version__, SCHEMA_REVISION)
     sink = _make_sink(settings)
     state = RelayState(sink_detail=getattr(sink, "status", None))
     relay = Relay(settings, sink, state=state)

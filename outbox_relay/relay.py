@@ -26,7 +26,7 @@ import psycopg
 from tenacity import Retrying, retry_if_exception_type, stop_any, wait_random_exponential
 from tenacity.stop import stop_base
 
-from . import metrics
+from . import __version__, metrics
 from .cursors import FetchCursors
 from .errors import DatabaseUnavailable, FatalSinkError, OutboxError, ProxyDetected, SinkError
 from .guard import Maintenance
@@ -207,7 +207,8 @@ class Relay:
         self._next_rebalance = 0.0
         self._behind = True
         log.info(
-            "connected to %s: %d shards, wake-up by %s, sink %s",
+            "outbox-relay %s connected to %s: %d shards, wake-up by %s, sink %s",
+            __version__,
             redact(s.require_database_url()),
             self.total_shards,
             self._waiter.mode,

@@ -238,7 +238,7 @@ def test_metrics_reflect_published_counts_and_pending_gauges(
     assert _metric(relay, "outbox_shards_owned") == float(outbox.shards)
     build = {"version": version("outbox-relay"), "schema_revision": SCHEMA_REVISION}
     assert _metric(relay, "outbox_relay_build_info", **build) == 1.0
-    assert f"outbox-relay {build['version']} starting" in relay.output()
+    assert f"outbox-relay {build['version']} connected to" in relay.output()
 
     _enqueue(engine, "held.topic", 7, hold=True, age_s=100, prefix="h")
     outbox.sql("UPDATE {t} SET dead_at = now() WHERE idempotency_key IN ('h-0', 'h-1')")
